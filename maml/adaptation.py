@@ -1,0 +1,153 @@
+"""What adaptation means, written once.
+
+MAML adapts a model to a task by taking `steps` plain SGD steps on the task's support-set loss,
+starting from the meta-learned weights:
+
+    theta[s + 1][i] = theta[s][i] - alpha[s, i] * d L_support(theta[s]) / d theta[s][i]
+
+for step `s` and parameter tensor `i`. Every consumer takes that definition from this module:
+the `higher` engine (meta-training), the batched `torch.func` engine, evaluation and export all
+call `adapt` with the same `InnerLoop`, loss and step-size table, so what ships is what was
+trained. They differ only in *how* a gradient is taken (a `GradFn`): `torch.autograd.grad` for the
+`higher` engine, evaluation and export, `torch.func.grad` inside `vmap` for the batched engine.
+
+Conventions, documented here and nowhere else:
+
+- Losses are averaged per example: cross-entropy for classification, mean squared error for
+  regression (the seed summed; averaging keeps the step size independent of the shot count).
+- Batch norm always normalises with the statistics of the batch it is given: the support batch
+  in the inner loop, the query batch at prediction time, in training and evaluation alike (the
+  MAML paper's convention). Running statistics are neither used nor updated; see
+  `use_batch_statistics`.
+- Step sizes form a table of shape `(steps, tensors)`. A scalar alpha fills it; learned step sizes
+  (Meta-SGD / MAML++ "LSLR": one per parameter tensor and per step) are a meta-parameter of that
+  shape. Adapting for more steps than the table has rows reuses its last row.
+- First order: the support gradients are treated as constants (no graph through them), which is
+  first-order MAML; learned step sizes still receive their (first-order) gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Params = tuple[Tensor, ...]
+"""Parameter tensors in the order of `model.named_parameters()`."""
+
+Forward = Callable[[Params, Tensor], Tensor]
+"""A functional model: `forward(params, x) -> outputs`."""
+
+GradFn = Callable[[Callable[[Params], Tensor], Params], Params]
+"""Takes `loss_of(params) -> scalar` and `params`, returns d loss / d params."""
+
+LOSSES = ("cross_entropy", "mse")
+
+
+@dataclass(frozen=True)
+class InnerLoop:
+    """The inner loop of one task: its loss, number of SGD steps and (initial) step size."""
+
+    loss: str
+    steps: int
+    lr: float
+    first_order: bool = False
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; expected one of {LOSSES}")
+        if self.steps < 0:
+            raise ValueError(f"inner steps must be >= 0, got {self.steps}")
+
+
+def task_loss(kind: str, outputs: Tensor, targets: Tensor) -> Tensor:
+    """Mean per-example loss: cross-entropy on class indices, or MSE on regression targets."""
+    if kind == "cross_entropy":
+        return F.cross_entropy(outputs, targets)
+    if kind == "mse":
+        return F.mse_loss(outputs, targets)
+    raise ValueError(f"unknown loss {kind!r}; expected one of {LOSSES}")
+
+
+def step_size_table(
+    steps: int, n_tensors: int, lr: float, learned: Tensor | None = None,
+    dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+) -> Tensor:
+    """The `(steps, n_tensors)` table of step sizes that `adapt` uses.
+
+    Without learned step sizes every entry is `lr` (in `dtype` on `device`, to match the
+    parameters). With them, row `s` is the learned row `s`, and steps past the learned rows
+    reuse the last learned row.
+    """
+    if learned is None:
+        return torch.full((steps, n_tensors), float(lr), dtype=dtype, device=device)
+    if learned.ndim != 2 or learned.shape[1] != n_tensors:
+        raise ValueError(
+            f"learned step sizes have shape {tuple(learned.shape)}, expected (steps, {n_tensors})"
+        )
+    if steps <= learned.shape[0]:
+        return learned[:steps]
+    extra = learned[-1:].expand(steps - learned.shape[0], n_tensors)
+    return torch.cat([learned, extra], dim=0)
+
+
+def sgd_step(params: Params, grads: Sequence[Tensor], step_sizes: Tensor) -> Params:
+    """One plain SGD step, tensor `i` moving by `step_sizes[i]` times its gradient."""
+    return tuple(p - step_sizes[i] * g for i, (p, g) in enumerate(zip(params, grads)))
+
+
+def adapt(
+    forward: Forward,
+    params: Params,
+    support_x: Tensor,
+    support_y: Tensor,
+    loss: str,
+    step_sizes: Tensor,
+    grad_fn: GradFn,
+) -> Params:
+    """Fine-tune `params` on one task's support set: one SGD step per row of `step_sizes`."""
+    for s in range(step_sizes.shape[0]):
+
+        def support_loss(p: Params) -> Tensor:
+            return task_loss(loss, forward(p, support_x), support_y)
+
+        grads = grad_fn(support_loss, params)
+        params = sgd_step(params, grads, step_sizes[s])
+    return params
+
+
+def autograd_grad(create_graph: bool) -> GradFn:
+    """A `GradFn` from `torch.autograd.grad`; `create_graph=True` keeps second-order terms."""
+
+    def grad(loss_of: Callable[[Params], Tensor], params: Params) -> Params:
+        return torch.autograd.grad(loss_of(params), params, create_graph=create_graph)
+
+    return grad
+
+
+def use_batch_statistics(model: nn.Module) -> nn.Module:
+    """Put `model` in MAML's batch-norm convention, in place, and return it.
+
+    Every `nn.BatchNorm*` / `nn.InstanceNorm*` layer normalises with the current batch's
+    statistics and stops tracking running statistics (its buffers stay, untouched, so the
+    state dict keeps its keys). The model is left in training mode; the engines call it in
+    training mode only, so it can never silently fall back to the stale running statistics.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            module.track_running_stats = False
+    return model.train()
+
+
+def functional_forward(model: nn.Module) -> Forward:
+    """`forward(params, x)` through `torch.func.functional_call`, in MAML's batch-norm mode."""
+    names = [name for name, _ in model.named_parameters()]
+    use_batch_statistics(model)
+
+    def forward(params: Params, x: Tensor) -> Tensor:
+        return torch.func.functional_call(model, dict(zip(names, params)), (x,))
+
+    return forward

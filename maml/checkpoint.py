@@ -1,0 +1,80 @@
+"""Checkpoints: one file per run state, written atomically, loaded without arbitrary pickles.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
+`torch.load(path, weights_only=True)`:
+
+    format      "maml-toolkit/checkpoint-v1"
+    config      every setting of the run (`maml.config.Config.to_dict()`)
+    model       {"spec": "package.module:factory", "kwargs": {...}, "state_dict": {...}}
+    inner_lrs   learned step sizes `(steps, tensors)`, or None
+    optimizer   the meta-optimizer's state dict
+    iteration   meta-iterations done
+    rng         {"tasks": task generator state, "torch": global torch RNG state}
+    split       Omniglot character indices {"train", "val", "test"}, or None
+    metrics     {"best_val": ..., "best_iteration": ..., "last": {...}}
+    versions    {"torch": ..., "maml": ...}
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from maml.errors import UsageError
+
+FORMAT = "maml-toolkit/checkpoint-v1"
+REQUIRED = ("config", "model", "inner_lrs", "iteration")
+
+
+def save(path: str | Path, state: dict[str, Any]) -> None:
+    """Write `state` to `path` atomically: a temporary file in the same folder, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check a checkpoint; any problem is a one-line `UsageError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist; train one with `python -m maml train`")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(
+            f"{path} is not a readable checkpoint (truncated or not written by this toolkit): "
+            f"{reason[:200]}"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UsageError(f"{path} is not a maml-toolkit checkpoint (no '{FORMAT}' format tag)")
+    missing = [key for key in REQUIRED if key not in state]
+    if missing:
+        raise UsageError(f"{path} is an incomplete checkpoint: missing {', '.join(missing)}")
+    return state
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights, turning a shape or key mismatch into a one-line error."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])
+        raise UsageError(
+            f"the weights in {source} do not fit the model: {detail[:300]}"
+        ) from None

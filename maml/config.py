@@ -1,0 +1,113 @@
+"""Every setting of a meta-training run, in one place, with the MAML paper's defaults.
+
+`Config` is what the command line fills in, what a checkpoint stores (as a plain dict) and what
+`--resume` restores. Settings left `None` take the defaults of their dataset (`with_defaults`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from maml.adaptation import InnerLoop
+from maml.errors import UsageError
+
+DATASETS = ("sinusoid", "harmonic", "omniglot")
+ENGINES = ("auto", "higher", "batched")
+
+
+@dataclass
+class Config:
+    dataset: str = "sinusoid"
+    # task shape
+    n_way: int | None = None
+    k_shot: int | None = None
+    q_query: int | None = None
+    # inner loop (adaptation)
+    inner_steps: int | None = None
+    inner_lr: float | None = None
+    eval_inner_steps: int | None = None
+    first_order: bool = False
+    learn_inner_lr: bool = False
+    # outer loop (meta-optimisation)
+    meta_lr: float = 1e-3
+    meta_batch_size: int | None = None
+    iterations: int | None = None
+    grad_clip: float | None = None
+    # model
+    model: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # data
+    data_root: str = "../shared/data/omniglot"
+    download: bool = False
+    split: str = "maml"
+    val_chars: int = 50
+    # run
+    seed: int = 0
+    device: str = "cpu"
+    engine: str = "auto"
+    dtype: str = "float32"
+    checkpoint: str = "runs/model.pt"
+    log_every: int = 50
+    val_every: int = 500
+    val_tasks: int = 100
+    checkpoint_every: int = 500
+
+    def with_defaults(self) -> Config:
+        """Fill unset settings from the MAML paper's choices for this dataset."""
+        if self.dataset not in DATASETS:
+            raise UsageError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if self.engine not in ENGINES:
+            raise UsageError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.dtype not in ("float32", "float64"):
+            raise UsageError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        if self.dataset == "omniglot":
+            twenty = (self.n_way or 5) >= 20
+            defaults = dict(
+                n_way=5, k_shot=1, q_query=15, inner_steps=5 if twenty else 1,
+                inner_lr=0.1 if twenty else 0.4, eval_inner_steps=5 if twenty else 3,
+                meta_batch_size=16 if twenty else 32, iterations=60000, model="cnn",
+            )
+        else:  # sinusoid and harmonic: the paper's regression set-up
+            defaults = dict(
+                n_way=None, k_shot=10, q_query=10, inner_steps=1, inner_lr=0.01,
+                eval_inner_steps=10, meta_batch_size=25, iterations=70000, model="mlp",
+            )
+        filled = dataclasses.replace(
+            self, **{k: v for k, v in defaults.items() if getattr(self, k) is None}
+        )
+        filled.check()
+        return filled
+
+    def check(self) -> None:
+        positive = ["k_shot", "q_query", "meta_batch_size", "iterations", "log_every",
+                    "val_every", "checkpoint_every"]
+        for name in positive:
+            if getattr(self, name) is None or getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.inner_steps < 0 or self.eval_inner_steps < 0:
+            raise UsageError("--inner-steps and --eval-inner-steps must be >= 0")
+        if self.meta_lr <= 0:
+            raise UsageError(f"--meta-lr must be > 0, got {self.meta_lr}")
+        if self.learn_inner_lr and self.inner_steps < 1:
+            raise UsageError("--learn-inner-lr needs --inner-steps >= 1")
+
+    @property
+    def loss(self) -> str:
+        return "cross_entropy" if self.dataset == "omniglot" else "mse"
+
+    def inner_loop(self, steps: int | None = None) -> InnerLoop:
+        """The adaptation this run trains with (or evaluates with, given `steps`)."""
+        return InnerLoop(
+            loss=self.loss, steps=self.inner_steps if steps is None else steps,
+            lr=self.inner_lr, first_order=self.first_order,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

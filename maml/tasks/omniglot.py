@@ -1,0 +1,184 @@
+"""Omniglot N-way K-shot tasks with the MAML paper's protocol.
+
+Data: 1623 characters (964 "background" + 659 "evaluation"), 20 drawings each, resized once to
+28x28 with ink = 1 (`maml.images`) and held in one `(1623, 20, 28, 28)` tensor on the training
+device; row `c` is the character whose files are named `{c+1:04d}_NN.png` upstream.
+
+Sources, tried in this order under `data_root`:
+- `images_background.npz` + `images_evaluation.npz` (the offline copy, arrays `images`, `labels`);
+- the folder layout `torchvision.datasets.Omniglot` downloads:
+  `[omniglot-py/]images_{background,evaluation}/<Alphabet>/characterNN/XXXX_YY.png`.
+`download=True` asks torchvision to fetch the folder layout first (needs internet).
+
+Splits (`split=`):
+- `maml`: both sets pooled, a seeded permutation, 1200 characters for meta-training (of which
+  `val_chars` are held out for validation) and the other 423 for meta-testing.
+- `background`: Lake et al.'s alphabet split: meta-train on the 964 background characters
+  (minus the validation hold-out), meta-test on the 659 evaluation characters.
+During meta-training each character's rotations by 0/90/180/270 degrees are four distinct
+classes; validation and test tasks use unrotated characters.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from maml.errors import UsageError
+from maml.images import box_resize, ink_from_omniglot
+from maml.tasks import TaskBatch
+
+N_BACKGROUND, N_EVALUATION, DRAWINGS = 964, 659, 20
+N_CHARACTERS = N_BACKGROUND + N_EVALUATION
+SPLITS = ("maml", "background")
+_FILE = re.compile(r"(\d{4})_(\d{2})\.png$")
+
+
+def read_image_folder(folder: Path) -> dict[int, np.ndarray]:
+    """Read an upstream-layout folder into `{character file id: (20, 105, 105) bool}`."""
+    from PIL import Image  # torchvision brings Pillow; only folder users pay the import
+
+    found: dict[int, np.ndarray] = {}
+    for png in sorted(folder.glob("*/character*/*.png")):
+        match = _FILE.search(png.name)
+        if match is None:
+            continue
+        char, drawing = int(match[1]), int(match[2])
+        pixels = np.asarray(Image.open(png).convert("1"), dtype=bool)
+        found.setdefault(char, np.ones((DRAWINGS, *pixels.shape), dtype=bool))[drawing - 1] = pixels
+    return found
+
+
+def _find_folder(root: Path, name: str) -> Path | None:
+    for candidate in (root / name, root / "omniglot-py" / name):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def load_raw(data_root: str | Path, download: bool = False) -> tuple[np.ndarray, str]:
+    """All 1623 characters as `(1623, 20, 105, 105)` bool (True = paper), and the source's name."""
+    root = Path(data_root).expanduser()
+    if download:
+        from torchvision.datasets import Omniglot
+
+        for background in (True, False):
+            Omniglot(str(root), background=background, download=True)
+    npz = [root / "images_background.npz", root / "images_evaluation.npz"]
+    if all(p.is_file() for p in npz):
+        try:
+            parts = [np.load(p)["images"] for p in npz]
+        except Exception as exc:
+            raise UsageError(f"cannot read Omniglot arrays in {root}: {exc}") from None
+        return np.concatenate(parts), "npz"
+    folders = [_find_folder(root, f"images_{s}") for s in ("background", "evaluation")]
+    if all(folders):
+        chars = {**read_image_folder(folders[0]), **read_image_folder(folders[1])}
+        missing = sorted(set(range(1, N_CHARACTERS + 1)) - set(chars))
+        if missing:
+            raise UsageError(
+                f"Omniglot folders under {root} lack {len(missing)} characters "
+                f"(first id {missing[0]}); re-extract the archives or pass --download"
+            )
+        return np.stack([chars[c] for c in range(1, N_CHARACTERS + 1)]), "folders"
+    raise UsageError(
+        f"no Omniglot data under {root}: expected images_background.npz + images_evaluation.npz "
+        "or the images_background/ + images_evaluation/ folders; set --data-root, "
+        "or pass --download to fetch them"
+    )
+
+
+def to_model_input(raw: np.ndarray, size: int = 28) -> torch.Tensor:
+    """Bool `(..., 105, 105)` drawings to float `(..., size, size)` ink images, in chunks."""
+    flat = raw.reshape(-1, *raw.shape[-2:])
+    out = np.empty((flat.shape[0], size, size), dtype=np.float32)
+    for start in range(0, flat.shape[0], 4096):
+        out[start : start + 4096] = box_resize(ink_from_omniglot(flat[start : start + 4096]), size)
+    return torch.from_numpy(out.reshape(*raw.shape[:-2], size, size))
+
+
+def make_split(split: str, seed: int, val_chars: int) -> dict[str, torch.Tensor]:
+    """Character indices (rows of the pooled tensor) for `train`, `val` and `test`."""
+    if split == "maml":
+        perm = torch.randperm(N_CHARACTERS, generator=torch.Generator().manual_seed(seed))
+        trainval, test = perm[:1200], perm[1200:]
+    elif split == "background":
+        trainval = torch.randperm(N_BACKGROUND, generator=torch.Generator().manual_seed(seed))
+        test = torch.arange(N_BACKGROUND, N_CHARACTERS)
+    else:
+        raise UsageError(f"unknown Omniglot split {split!r}; choose one of {', '.join(SPLITS)}")
+    if not 0 <= val_chars < len(trainval):
+        raise UsageError(f"--val-chars must be in [0, {len(trainval)}), got {val_chars}")
+    cut = len(trainval) - val_chars
+    return {"train": trainval[:cut].sort().values, "val": trainval[cut:].sort().values,
+            "test": test.sort().values}
+
+
+class Omniglot:
+    """N-way K-shot Omniglot tasks with Q queries per class, sampled by tensor indexing."""
+
+    kind = "classification"
+    loss = "cross_entropy"
+    input_shape = (1, 28, 28)
+
+    def __init__(
+        self, images: torch.Tensor, splits: dict[str, torch.Tensor], n_way: int, k_shot: int,
+        q_query: int, device: str | torch.device = "cpu", split_name: str = "maml",
+    ) -> None:
+        if k_shot < 1 or q_query < 1:
+            raise UsageError(f"--k-shot and --q-query must be >= 1, got {k_shot} and {q_query}")
+        if k_shot + q_query > DRAWINGS:
+            raise UsageError(
+                f"--k-shot + --q-query = {k_shot + q_query}, but Omniglot has only {DRAWINGS} "
+                "drawings per character; lower one of them"
+            )
+        for name, chars in splits.items():
+            rotations = 4 if name == "train" else 1
+            if chars.numel() and n_way > chars.numel() * rotations:
+                raise UsageError(
+                    f"--n-way {n_way} exceeds the {chars.numel() * rotations} classes of the "
+                    f"{name} split; lower --n-way"
+                )
+        if n_way < 2:
+            raise UsageError(f"--n-way must be at least 2, got {n_way}")
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.splits = splits
+        self.n_way, self.k_shot, self.q_query = n_way, k_shot, q_query
+        self.split_name = split_name
+
+    def describe(self) -> dict:
+        return {"name": "omniglot", "split": self.split_name, "n_way": self.n_way,
+                "k_shot": self.k_shot, "q_query": self.q_query, "image_size": 28,
+                "classes": {k: int(v.numel()) for k, v in self.splits.items()},
+                "train_rotations": [0, 90, 180, 270]}
+
+    def sample(self, batch_size: int, generator: torch.Generator, split: str = "train") -> TaskBatch:
+        chars = self.splits[split]
+        if chars.numel() == 0:
+            raise UsageError(f"the {split} split is empty; raise --val-chars to validate")
+        rotations = 4 if split == "train" else 1
+        n, k, q = self.n_way, self.k_shot, self.q_query
+        # N distinct (character, rotation) classes per task; K + Q distinct drawings per class.
+        pick = torch.rand(batch_size, chars.numel() * rotations, generator=generator)
+        pick = pick.argsort(dim=1)[:, :n]
+        char, rot = chars[pick % chars.numel()], pick // chars.numel()
+        drawing = torch.rand(batch_size, n, DRAWINGS, generator=generator).argsort(-1)[..., : k + q]
+        char, rot, drawing = (t.to(self.device) for t in (char, rot, drawing))
+        images = self.images[char.unsqueeze(-1), drawing]  # (B, N, K+Q, 28, 28)
+        if rotations > 1:  # select among the four rotations without a host sync
+            turns = rot.view(batch_size, n, 1, 1, 1)
+            images = sum(
+                torch.where(turns == t, images.rot90(t, dims=(-2, -1)), 0.0) for t in range(4)
+            )
+        labels = torch.arange(n, device=self.device).view(1, n, 1)
+        x = images.unsqueeze(3)  # channel dimension
+        support_y = labels.expand(batch_size, n, k).reshape(batch_size, n * k)
+        query_y = labels.expand(batch_size, n, q).reshape(batch_size, n * q)
+        return TaskBatch(
+            x[:, :, :k].reshape(batch_size, n * k, 1, 28, 28), support_y,
+            x[:, :, k:].reshape(batch_size, n * q, 1, 28, 28), query_y,
+        )

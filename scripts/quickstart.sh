@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The main job, from a fresh clone: install, meta-train a sinusoid model (no data to download),
+# evaluate it on new tasks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+PY=.venv/bin/python
+OUT=${OUT_DIR:-runs/quickstart}
+ITERATIONS=${ITERATIONS:-2000}
+echo "== meta-train: sinusoid, $ITERATIONS iterations =="
+$PY -m maml train --dataset sinusoid --iterations "$ITERATIONS" --checkpoint "$OUT/sinusoid.pt" \
+  --val-every 500 --log-every 100
+echo "== evaluate on 600 new tasks (5-shot, 10 steps) =="
+$PY -m maml eval --checkpoint "$OUT/sinusoid.pt" --tasks 600 --quiet
