@@ -60,10 +60,11 @@ def make_source(cfg: Config, split: dict[str, torch.Tensor] | None = None):
         return Sinusoid(cfg.k_shot, cfg.q_query, cfg.device), None
     if cfg.dataset == "harmonic":
         return Harmonic(cfg.k_shot, cfg.q_query, cfg.device), None
-    from maml.tasks.omniglot import Omniglot, make_split
+    from maml.tasks.omniglot import Omniglot, check_task_shape, make_split
 
     if split is None:
         split = make_split(cfg.split, cfg.seed, cfg.val_chars)
+    check_task_shape(split, cfg.n_way, cfg.k_shot, cfg.q_query)
     images = omniglot_images(cfg.data_root, cfg.download)
     source = Omniglot(images, split, cfg.n_way, cfg.k_shot, cfg.q_query, cfg.device, cfg.split)
     return source, split

@@ -39,10 +39,9 @@ def box_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 def box_resize(images: np.ndarray, size: int) -> np.ndarray:
     """Area-average resize of `(..., H, W)` images to `(..., size, size)`, float32."""
-    rows = box_resize_matrix(images.shape[-2], size)
-    cols = box_resize_matrix(images.shape[-1], size)
-    out = np.einsum("ih,...hw,jw->...ij", rows, images.astype(np.float64), cols, optimize=True)
-    return out.astype(np.float32)
+    rows = box_resize_matrix(images.shape[-2], size).astype(np.float32)
+    cols = box_resize_matrix(images.shape[-1], size).astype(np.float32)
+    return rows @ (images.astype(np.float32) @ cols.T)
 
 
 def ink_from_omniglot(pixels: np.ndarray) -> np.ndarray:
@@ -55,4 +54,9 @@ def ink_from_omniglot(pixels: np.ndarray) -> np.ndarray:
 def preprocess_grayscale(gray: np.ndarray, size: int = 28, ink_is_dark: bool = True) -> np.ndarray:
     """A grayscale image in [0, 255] (e.g. a photo or a PNG) to a `size x size` ink image."""
     ink = 1.0 - gray.astype(np.float32) / 255.0 if ink_is_dark else gray.astype(np.float32) / 255.0
-    return box_resize(ink, size)
+    return ink_image(ink, size)
+
+
+def ink_image(ink: np.ndarray, size: int = 28) -> np.ndarray:
+    """Ink in [0, 1] at any resolution to the model's `size x size` input (clipped to [0, 1])."""
+    return np.clip(box_resize(ink, size), 0.0, 1.0)

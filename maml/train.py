@@ -60,7 +60,7 @@ def _validate(exp: Experiment, engine) -> dict[str, Any]:
     split = "val" if cfg.dataset == "omniglot" else "test"
     gen = torch.Generator().manual_seed(VAL_SEED)
     with torch.random.fork_rng(devices=[]):  # validation must not shift training's randomness
-            return evaluate(exp.model, exp.inner_lrs, exp.source, cfg.inner_loop(cfg.eval_inner_steps),
+        return evaluate(exp.model, exp.inner_lrs, exp.source, cfg.inner_loop(cfg.eval_inner_steps),
                         cfg.val_tasks, gen, split, adapt_predict=engine.adapt_predict)
 
 

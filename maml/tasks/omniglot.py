@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from maml.errors import UsageError
-from maml.images import box_resize, ink_from_omniglot
+from maml.images import ink_from_omniglot, ink_image
 from maml.tasks import TaskBatch
 
 N_BACKGROUND, N_EVALUATION, DRAWINGS = 964, 659, 20
@@ -96,7 +96,7 @@ def to_model_input(raw: np.ndarray, size: int = 28) -> torch.Tensor:
     flat = raw.reshape(-1, *raw.shape[-2:])
     out = np.empty((flat.shape[0], size, size), dtype=np.float32)
     for start in range(0, flat.shape[0], 4096):
-        out[start : start + 4096] = box_resize(ink_from_omniglot(flat[start : start + 4096]), size)
+        out[start : start + 4096] = ink_image(ink_from_omniglot(flat[start : start + 4096]), size)
     return torch.from_numpy(out.reshape(*raw.shape[:-2], size, size))
 
 
@@ -117,6 +117,25 @@ def make_split(split: str, seed: int, val_chars: int) -> dict[str, torch.Tensor]
             "test": test.sort().values}
 
 
+def check_task_shape(splits: dict[str, torch.Tensor], n_way: int, k_shot: int, q_query: int) -> None:
+    """Reject task shapes the data cannot provide, before any image is loaded."""
+    if k_shot < 1 or q_query < 1:
+        raise UsageError(f"--k-shot and --q-query must be >= 1, got {k_shot} and {q_query}")
+    if k_shot + q_query > DRAWINGS:
+        raise UsageError(
+            f"--k-shot + --q-query = {k_shot + q_query}, but Omniglot has only {DRAWINGS} "
+            "drawings per character; lower one of them"
+        )
+    if n_way < 2:
+        raise UsageError(f"--n-way must be at least 2, got {n_way}")
+    for name, chars in splits.items():
+        classes = chars.numel() * (4 if name == "train" else 1)
+        if chars.numel() and n_way > classes:
+            raise UsageError(
+                f"--n-way {n_way} exceeds the {classes} classes of the {name} split; lower --n-way"
+            )
+
+
 class Omniglot:
     """N-way K-shot Omniglot tasks with Q queries per class, sampled by tensor indexing."""
 
@@ -128,22 +147,7 @@ class Omniglot:
         self, images: torch.Tensor, splits: dict[str, torch.Tensor], n_way: int, k_shot: int,
         q_query: int, device: str | torch.device = "cpu", split_name: str = "maml",
     ) -> None:
-        if k_shot < 1 or q_query < 1:
-            raise UsageError(f"--k-shot and --q-query must be >= 1, got {k_shot} and {q_query}")
-        if k_shot + q_query > DRAWINGS:
-            raise UsageError(
-                f"--k-shot + --q-query = {k_shot + q_query}, but Omniglot has only {DRAWINGS} "
-                "drawings per character; lower one of them"
-            )
-        for name, chars in splits.items():
-            rotations = 4 if name == "train" else 1
-            if chars.numel() and n_way > chars.numel() * rotations:
-                raise UsageError(
-                    f"--n-way {n_way} exceeds the {chars.numel() * rotations} classes of the "
-                    f"{name} split; lower --n-way"
-                )
-        if n_way < 2:
-            raise UsageError(f"--n-way must be at least 2, got {n_way}")
+        check_task_shape(splits, n_way, k_shot, q_query)
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.splits = splits

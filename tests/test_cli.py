@@ -1,0 +1,117 @@
+"""The command line: train, eval --json, resume, and one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from maml.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "omniglot"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "maml", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def sinusoid_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "s.pt"
+    assert main(["train", "--iterations", "6", "--meta-batch-size", "3", "--checkpoint", str(path),
+                 "--val-every", "3", "--log-every", "3", "--val-tasks", "5", "--quiet"]) == 0
+    return path
+
+
+def test_train_then_eval_json_end_to_end(tmp_path):
+    ckpt = tmp_path / "run" / "m.pt"
+    train = run_cli("train", "--dataset", "harmonic", "--iterations", "4", "--meta-batch-size", "2",
+                    "--checkpoint", str(ckpt), "--val-every", "2", "--log-every", "2",
+                    "--val-tasks", "4", "--quiet")
+    assert train.returncode == 0, train.stderr
+    assert "trained 4 iterations" in train.stdout
+    evaluation = run_cli("eval", "--checkpoint", str(ckpt), "--tasks", "7", "--inner-steps", "2",
+                         "--json")
+    assert evaluation.returncode == 0, evaluation.stderr
+    result = json.loads(evaluation.stdout.strip().splitlines()[-1])
+    assert result["metric"] == "mse" and result["tasks"] == 7 and result["inner_steps"] == 2
+    assert result["mean"] > 0 and result["ci95"] > 0 and "before" in result
+    assert "Traceback" not in evaluation.stderr
+
+
+def test_resume_flag_continues_from_the_checkpoint(tmp_path, capsys):
+    ckpt = str(tmp_path / "r.pt")
+    common = ["--checkpoint", ckpt, "--meta-batch-size", "2", "--log-every", "2", "--val-every", "4",
+              "--val-tasks", "3", "--quiet"]
+    assert main(["train", "--iterations", "2", *common]) == 0
+    assert main(["train", "--iterations", "4", "--resume", *common]) == 0
+    assert torch.load(ckpt, weights_only=True)["iteration"] == 4
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="Omniglot copy not found")
+def test_omniglot_train_and_eval(tmp_path, capsys):
+    ckpt = str(tmp_path / "o.pt")
+    assert main(["train", "--dataset", "omniglot", "--iterations", "2", "--meta-batch-size", "2",
+                 "--model-kwargs", '{"hidden": 8}', "--checkpoint", ckpt, "--val-every", "2",
+                 "--log-every", "1", "--val-tasks", "4", "--data-root", str(DATA), "--quiet"]) == 0
+    state = torch.load(ckpt, weights_only=True)
+    assert set(state["split"]) == {"train", "val", "test"}
+    assert state["model"]["kwargs"] == {"hidden": 8, "n_way": 5}
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", ckpt, "--tasks", "5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["metric"] == "accuracy" and 0 <= result["mean"] <= 1 and result["inner_steps"] == 3
+
+
+def bad(capsys, *args: str) -> str:
+    code = main(list(args))
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_bad_training_input_is_one_clear_line(tmp_path, capsys):
+    ck = ["--checkpoint", str(tmp_path / "x.pt"), "--iterations", "1", "--quiet"]
+    assert "unknown dataset 'mnist'" in bad(capsys, "train", "--dataset", "mnist", *ck)
+    assert "neither a built-in" in bad(capsys, "train", "--model", "resnet", *ck)
+    assert "cannot import 'no_such_pkg.mod'" in bad(capsys, "train", "--model", "no_such_pkg.mod:f", *ck)
+    assert "has no callable 'nope'" in bad(capsys, "train", "--model", "maml.models:nope", *ck)
+    assert "must be a JSON object" in bad(capsys, "train", "--model-kwargs", "[1, 2]", *ck)
+    assert "rejected its arguments" in bad(capsys, "train", "--model-kwargs", '{"depth": 3}', *ck)
+    omni = ["train", "--dataset", "omniglot", *ck]
+    assert "only 20 drawings" in bad(capsys, *omni, "--k-shot", "10", "--q-query", "15")
+    assert "exceeds the 423 classes" in bad(capsys, *omni, "--n-way", "424", "--val-chars", "0")
+    assert "no Omniglot data under" in bad(capsys, *omni, "--data-root", str(tmp_path / "none"))
+    assert "no CUDA GPU" in bad(capsys, "train", "--device", "cuda", *ck) or torch.cuda.is_available()
+
+
+def test_bad_checkpoints_are_one_clear_line(tmp_path, capsys, sinusoid_ckpt):
+    assert "does not exist" in bad(capsys, "eval", "--checkpoint", str(tmp_path / "missing.pt"))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(sinusoid_ckpt.read_bytes()[:2000])
+    assert "not a readable checkpoint" in bad(capsys, "eval", "--checkpoint", str(truncated))
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    assert "not a readable checkpoint" in bad(capsys, "eval", "--checkpoint", str(text))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    assert "not a maml-toolkit checkpoint" in bad(capsys, "eval", "--checkpoint", str(foreign))
+    state = torch.load(sinusoid_ckpt, weights_only=True)
+    state["model"]["state_dict"]["0.weight"] = torch.zeros(7, 1)
+    misfit = tmp_path / "misfit.pt"
+    torch.save(state, misfit)
+    assert "do not fit the model" in bad(capsys, "eval", "--checkpoint", str(misfit))
+    assert "--tasks must be >= 1" in bad(capsys, "eval", "--checkpoint", str(sinusoid_ckpt),
+                                         "--tasks", "0")
+
+
+def test_exit_status_and_no_traceback_from_a_real_process(tmp_path):
+    result = run_cli("eval", "--checkpoint", str(tmp_path / "missing.pt"))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: ") and "Traceback" not in result.stderr

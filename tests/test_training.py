@@ -1,0 +1,116 @@
+"""Meta-training end to end: learning, exact resume, determinism, checkpoints, divergence."""
+
+import json
+
+import pytest
+import torch
+
+from maml import checkpoint
+from maml.config import Config
+from maml.evaluate import evaluate
+from maml.experiment import build, restore
+from maml.train import TrainingDiverged, paths, train
+
+
+def sinusoid_config(tmp_path, **overrides):
+    settings = dict(dataset="sinusoid", iterations=20, meta_batch_size=4, log_every=5,
+                    val_every=10, val_tasks=10, checkpoint_every=10,
+                    checkpoint=str(tmp_path / "run.pt"))
+    settings.update(overrides)
+    return Config(**settings)
+
+
+def weights(path):
+    state = torch.load(path, weights_only=True)
+    tensors = dict(state["model"]["state_dict"])
+    if state["inner_lrs"] is not None:
+        tensors["inner_lrs"] = state["inner_lrs"]
+    return state, tensors
+
+
+def test_meta_training_beats_the_untrained_initialisation(tmp_path):
+    cfg = sinusoid_config(tmp_path, iterations=300, meta_batch_size=10, val_every=300, meta_lr=0.005,
+                          log_every=100, checkpoint_every=300)
+    untrained = build(cfg.with_defaults())
+    train(cfg, progress=False)
+    trained = restore(checkpoint.load(cfg.checkpoint), cfg.checkpoint)
+    inner = trained.cfg.inner_loop(5)
+
+    def mse(exp):
+        gen = torch.Generator().manual_seed(99)
+        return evaluate(exp.model, exp.inner_lrs, exp.source, inner, 200, gen)["mean"]
+
+    before, after = mse(untrained), mse(trained)
+    print(f"untrained {before:.3f} trained {after:.3f}")
+    assert after < 0.5 * before, (before, after)
+
+
+@pytest.mark.parametrize("learn", [False, True], ids=["fixed-lr", "learned-lr"])
+def test_resume_continues_exactly(tmp_path, learn):
+    straight = sinusoid_config(tmp_path / "a", iterations=20, learn_inner_lr=learn)
+    train(straight, progress=False)
+    first = sinusoid_config(tmp_path / "b", iterations=10, learn_inner_lr=learn)
+    train(first, progress=False)
+    resumed = sinusoid_config(tmp_path / "b", iterations=20)
+    train(resumed, resume=True, progress=False)
+    state_a, a = weights(straight.checkpoint)
+    state_b, b = weights(first.checkpoint)
+    assert state_a["iteration"] == state_b["iteration"] == 20
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert torch.equal(state_a["rng"]["tasks"], state_b["rng"]["tasks"])
+    # the metrics file continues rather than restarting
+    lines = [json.loads(line) for line in paths(first.checkpoint)["metrics"].read_text().splitlines()]
+    assert [r["iteration"] for r in lines] == [5, 10, 15, 20]
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
+    runs = {}
+    for name, seed in [("a", 3), ("b", 3), ("c", 4)]:
+        cfg = sinusoid_config(tmp_path / name, iterations=5, seed=seed)
+        train(cfg, progress=False)
+        runs[name] = weights(cfg.checkpoint)[1]
+    assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
+    assert not all(torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
+
+
+def test_checkpoint_contents_and_best_copy(tmp_path):
+    cfg = sinusoid_config(tmp_path, iterations=20, learn_inner_lr=True)
+    train(cfg, progress=False)
+    where = paths(cfg.checkpoint)
+    state = torch.load(where["latest"], weights_only=True)  # no arbitrary pickles
+    assert state["format"] == checkpoint.FORMAT
+    assert state["model"]["spec"] == "maml.models:sinusoid_mlp"
+    assert state["config"]["inner_lr"] == 0.01 and state["config"]["meta_batch_size"] == 4
+    assert state["inner_lrs"].shape == (1, 6)
+    assert state["optimizer"]["state"], "meta-optimizer state must be saved for resume"
+    best = torch.load(where["best"], weights_only=True)
+    assert best["iteration"] in (10, 20) and best["metrics"]["best_val"] is not None
+    assert not list(tmp_path.glob("*.tmp")), "temporary files must not be left behind"
+
+
+def test_non_finite_meta_loss_stops_before_writing_nan_weights(tmp_path):
+    cfg = sinusoid_config(tmp_path, iterations=30, inner_lr=1e30, checkpoint_every=5,
+                          log_every=5, val_every=1000)
+    with pytest.raises(TrainingDiverged, match="non-finite"):
+        train(cfg, progress=False)
+    latest = paths(cfg.checkpoint)["latest"]
+    if latest.exists():
+        state = torch.load(latest, weights_only=True)
+        assert all(torch.isfinite(t).all() for t in state["model"]["state_dict"].values())
+
+
+def test_atomic_save_leaves_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "c.pt"
+    checkpoint.save(path, {"config": {}, "model": {}, "inner_lrs": None, "iteration": 1})
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        checkpoint.save(path, {"config": {}, "model": Unpicklable(), "inner_lrs": None,
+                               "iteration": 2})
+    assert checkpoint.load(path)["iteration"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
