@@ -91,6 +91,8 @@ class CLI:
         checkpoint: str,
         tasks: int = 600,
         inner_steps: int | None = None,
+        k_shot: int | None = None,
+        q_query: int | None = None,
         split: str = "test",
         seed: int = 1234,
         device: str = "cpu",
@@ -99,7 +101,10 @@ class CLI:
         json: bool = False,  # noqa: A002 - the flag is --json
         quiet: bool = False,
     ) -> None:
-        """Adapt to new tasks from the meta-test split; report the metric with a 95% CI."""
+        """Adapt to new tasks from the meta-test split; report the metric with a 95% CI.
+
+        `--k-shot` / `--q-query` evaluate with other support / query sizes than training used.
+        """
         import json as json_lib
 
         from tqdm import tqdm
@@ -112,7 +117,8 @@ class CLI:
         if tasks < 1:
             raise UsageError(f"--tasks must be >= 1, got {tasks}")
         state = ckpt.load(checkpoint)
-        exp = restore(state, checkpoint, device)
+        overrides = {k: v for k, v in (("k_shot", k_shot), ("q_query", q_query)) if v is not None}
+        exp = restore({**state, "config": {**state["config"], **overrides}}, checkpoint, device)
         cfg = exp.cfg
         if split not in ("train", "val", "test"):
             raise UsageError(f"--split must be train, val or test, got {split!r}")

@@ -105,6 +105,7 @@ def restore(state: dict[str, Any], source: str, device: str | None = None) -> Ex
     cfg = Config.from_dict(state["config"])
     if device is not None:
         cfg.device = device
+    cfg.check()
     split = state.get("split")
     cfg.model, cfg.model_kwargs = state["model"]["spec"], state["model"]["kwargs"]
     exp = build(cfg, split)

@@ -35,7 +35,7 @@ def test_train_then_eval_json_end_to_end(tmp_path):
     assert train.returncode == 0, train.stderr
     assert "trained 4 iterations" in train.stdout
     evaluation = run_cli("eval", "--checkpoint", str(ckpt), "--tasks", "7", "--inner-steps", "2",
-                         "--json")
+                         "--k-shot", "5", "--json")
     assert evaluation.returncode == 0, evaluation.stderr
     result = json.loads(evaluation.stdout.strip().splitlines()[-1])
     assert result["metric"] == "mse" and result["tasks"] == 7 and result["inner_steps"] == 2
@@ -109,6 +109,8 @@ def test_bad_checkpoints_are_one_clear_line(tmp_path, capsys, sinusoid_ckpt):
     assert "do not fit the model" in bad(capsys, "eval", "--checkpoint", str(misfit))
     assert "--tasks must be >= 1" in bad(capsys, "eval", "--checkpoint", str(sinusoid_ckpt),
                                          "--tasks", "0")
+    assert "--k-shot must be >= 1" in bad(capsys, "eval", "--checkpoint", str(sinusoid_ckpt),
+                                          "--k-shot", "0")
 
 
 def test_exit_status_and_no_traceback_from_a_real_process(tmp_path):
