@@ -63,9 +63,13 @@ class CLI:
         val_tasks: int = 100,
         checkpoint_every: int = 500,
         resume: bool = False,
+        minutes: float | None = None,
         quiet: bool = False,
     ) -> None:
-        """Meta-train a model with MAML. Unset settings take the MAML paper's defaults."""
+        """Meta-train a model with MAML. Unset settings take the MAML paper's defaults.
+
+        `--minutes M` stops after M minutes with a checkpoint; `--resume` continues it later.
+        """
         from maml.config import Config
         from maml.train import train
 
@@ -79,9 +83,12 @@ class CLI:
             engine=engine, dtype=dtype, checkpoint=checkpoint, log_every=log_every,
             val_every=val_every, val_tasks=val_tasks, checkpoint_every=checkpoint_every,
         )
-        result = train(cfg, resume=resume, progress=not quiet)
+        if minutes is not None and minutes <= 0:
+            raise UsageError(f"--minutes must be > 0, got {minutes}")
+        result = train(cfg, resume=resume, progress=not quiet, max_minutes=minutes)
         best = result["best_val"]
-        print(f"trained {result['iterations']} iterations in {result['seconds']:.1f} s; "
+        print(f"trained {result['iterations']} of {result['target_iterations']} iterations "
+              f"({result['seconds']:.1f} s of training); "
               f"checkpoint {result['checkpoint']}"
               + (f"; best validation {best:.4f} at iteration {result['best_iteration']}"
                  if best is not None else ""))

@@ -74,8 +74,14 @@ def _finite(exp: Experiment) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in exp.meta_parameters)
 
 
-def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Meta-train as `cfg` says (or continue the run at `cfg.checkpoint`); return final metrics."""
+def train(
+    cfg: Config, resume: bool = False, progress: bool = True, max_minutes: float | None = None
+) -> dict[str, Any]:
+    """Meta-train as `cfg` says (or continue the run at `cfg.checkpoint`); return final metrics.
+
+    `max_minutes` caps this call's wall-clock time: the run stops early with a checkpoint, and
+    a later `resume=True` call continues it, so several short slots add up to one run.
+    """
     where = paths(cfg.checkpoint)
     if resume:
         state = checkpoint.load(where["latest"])
@@ -91,7 +97,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
     engine = select_engine(cfg.engine)
     opt = torch.optim.Adam(exp.meta_parameters, lr=cfg.meta_lr)
     gen = torch.Generator().manual_seed(cfg.seed)
-    start, metrics = 0, {"best_val": None, "best_iteration": None, "last": {}}
+    start, metrics = 0, {"best_val": None, "best_iteration": None, "last": {}, "seconds": 0.0}
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["rng"]["tasks"])
@@ -120,10 +126,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
                 f"checkpoint is {where['latest']}; lower --meta-lr or set --grad-clip"
             )
 
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - metrics.get("seconds", 0.0)  # training seconds add up over resumes
+    deadline = None if max_minutes is None else time.perf_counter() + 60 * max_minutes
     bar = tqdm(total=cfg.iterations, initial=start, disable=not progress, desc="meta-train",
                dynamic_ncols=True)
     running: dict[str, float] = {}
+    done = start
     try:
         for it in range(start, cfg.iterations):
             batch = exp.source.sample(cfg.meta_batch_size, gen, "train")
@@ -141,7 +149,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
                 bar.set_postfix({k: f"{v:.4f}" for k, v in running.items()})
                 record = {"iteration": done, "seconds": time.perf_counter() - t0, **running}
                 if done % cfg.val_every == 0 or done == cfg.iterations:
+                    val_start = time.perf_counter()
                     val = _validate(exp, engine)
+                    t0 += time.perf_counter() - val_start  # the clock counts training only
                     record["val_" + val["metric"]] = val["mean"]
                     if _better(val["metric"], val["mean"], metrics["best_val"]):
                         metrics.update(best_val=val["mean"], best_iteration=done)
@@ -150,11 +160,16 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
                 metrics["last"] = record
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-            if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
+            out_of_time = deadline is not None and time.perf_counter() > deadline
+            if done % cfg.checkpoint_every == 0 or done == cfg.iterations or out_of_time:
                 stop_if_diverged(done, stats["loss"].item())
+                metrics["seconds"] = time.perf_counter() - t0
                 checkpoint.save(where["latest"], snapshot(done))
+            if out_of_time:
+                break
     finally:
         bar.close()
         log.close()
-    return {"iterations": cfg.iterations, "checkpoint": str(where["latest"]),
-            "seconds": time.perf_counter() - t0, **metrics}
+    return {**metrics, "iterations": done,
+            "target_iterations": cfg.iterations, "checkpoint": str(where["latest"]),
+            "seconds": time.perf_counter() - t0}

@@ -33,7 +33,7 @@ def test_train_then_eval_json_end_to_end(tmp_path):
                     "--checkpoint", str(ckpt), "--val-every", "2", "--log-every", "2",
                     "--val-tasks", "4", "--quiet")
     assert train.returncode == 0, train.stderr
-    assert "trained 4 iterations" in train.stdout
+    assert "trained 4 of 4 iterations" in train.stdout
     evaluation = run_cli("eval", "--checkpoint", str(ckpt), "--tasks", "7", "--inner-steps", "2",
                          "--k-shot", "5", "--json")
     assert evaluation.returncode == 0, evaluation.stderr

@@ -114,3 +114,17 @@ def test_atomic_save_leaves_the_old_file_on_failure(tmp_path):
                                "iteration": 2})
     assert checkpoint.load(path)["iteration"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_time_capped_slots_add_up_to_one_run(tmp_path):
+    straight = sinusoid_config(tmp_path / "a", iterations=12)
+    train(straight, progress=False)
+    slotted = sinusoid_config(tmp_path / "b", iterations=12)
+    first = train(slotted, progress=False, max_minutes=1e-9)  # stops after one iteration
+    assert first["iterations"] == 1 and torch.load(slotted.checkpoint, weights_only=True)["iteration"] == 1
+    while torch.load(slotted.checkpoint, weights_only=True)["iteration"] < 12:
+        train(slotted, resume=True, progress=False, max_minutes=1e-9)
+    _, a = weights(straight.checkpoint)
+    state_b, b = weights(slotted.checkpoint)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert state_b["metrics"]["seconds"] > 0
