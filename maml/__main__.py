@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import fire
@@ -144,6 +145,18 @@ class CLI:
               f"+- {result['before']['ci95']:.4f}) over {tasks} {split} tasks")
         if json:
             print(json_lib.dumps(result))
+
+
+    def plot(self, checkpoint: str, out: str | None = None) -> None:
+        """Draw the run's learning curves (validation metric against iterations and seconds)."""
+        from maml.curves import plot_curves
+        from maml.train import paths
+
+        metrics = paths(checkpoint)["metrics"]
+        if not metrics.is_file():
+            raise UsageError(f"no metrics file {metrics}; train with --checkpoint {checkpoint} first")
+        target = out or str(metrics.with_name(metrics.name.replace(".metrics.jsonl", ".curves.png")))
+        print(plot_curves({Path(checkpoint).stem: metrics}, target, title=Path(checkpoint).name))
 
 
 def main(argv: list[str] | None = None) -> int:

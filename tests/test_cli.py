@@ -117,3 +117,11 @@ def test_exit_status_and_no_traceback_from_a_real_process(tmp_path):
     result = run_cli("eval", "--checkpoint", str(tmp_path / "missing.pt"))
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_plot_draws_the_learning_curves(tmp_path, capsys, sinusoid_ckpt):
+    out = tmp_path / "curves.png"
+    assert main(["plot", "--checkpoint", str(sinusoid_ckpt), "--out", str(out)]) == 0
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert "no metrics file" in bad(capsys, "plot", "--checkpoint", str(tmp_path / "none.pt"))
