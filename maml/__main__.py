@@ -138,6 +138,7 @@ class CLI:
         with tqdm(total=tasks, desc="evaluate", disable=quiet or json) as bar:
             result = evaluate(exp.model, exp.inner_lrs, exp.source, cfg.inner_loop(steps), tasks,
                               gen, split, batch_size, chosen.adapt_predict, bar.update)
+        result.pop("per_task")
         result.update(checkpoint=checkpoint, dataset=cfg.dataset, iteration=state["iteration"])
         name = result["metric"]
         print(f"{cfg.dataset}: {name} after {steps} steps {result['mean']:.4f} "

@@ -8,12 +8,13 @@ Reported: the mean over tasks and a 95% confidence interval, 1.96 * std / sqrt(t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from maml.adaptation import InnerLoop, task_loss
+from maml.tasks import TaskBatch
 
 
 def task_metric(kind: str, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -29,6 +30,16 @@ def summary(values: Tensor) -> dict[str, float]:
     return {"mean": values.mean().item(), "ci95": 1.96 * std / math.sqrt(n)}
 
 
+def eval_batches(source, tasks: int, generator: torch.Generator, split: str = "test",
+                 batch_size: int = 25) -> Iterator[TaskBatch]:
+    """The evaluation tasks, in batches: the same seed gives the same tasks to every consumer."""
+    done = 0
+    while done < tasks:
+        batch = source.sample(min(batch_size, tasks - done), generator, split)
+        done += len(batch)
+        yield batch
+
+
 def evaluate(
     model: nn.Module,
     inner_lrs: Tensor | None,
@@ -41,26 +52,29 @@ def evaluate(
     adapt_predict: Callable | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """Mean metric with 95% CI over `tasks` new tasks, before and after `inner.steps` steps."""
+    """Mean metric with 95% CI over `tasks` new tasks, before and after `inner.steps` steps.
+
+    Also returns each task's metric after adaptation (`per_task`), to compare other runtimes
+    task by task on the same tasks (`eval_batches` with the same seed).
+    """
     if adapt_predict is None:
         from maml.higher_engine import adapt_predict
     dtype = next(model.parameters()).dtype
     before, after = [], []
-    done = 0
-    while done < tasks:
-        batch = source.sample(min(batch_size, tasks - done), generator, split)
+    for batch in eval_batches(source, tasks, generator, split, batch_size):
         batch = batch.to(batch.support_x.device, dtype)
         zero = InnerLoop(inner.loss, 0, inner.lr, inner.first_order)
         before.append(task_metric(inner.loss, adapt_predict(model, inner_lrs, batch, zero),
                                   batch.query_y))
         after.append(task_metric(inner.loss, adapt_predict(model, inner_lrs, batch, inner),
                                  batch.query_y))
-        done += len(batch)
         if progress is not None:
             progress(len(batch))
     metric = "accuracy" if inner.loss == "cross_entropy" else "mse"
-    result_after, result_before = summary(torch.cat(after)), summary(torch.cat(before))
+    per_task = torch.cat(after)
+    result_after, result_before = summary(per_task), summary(torch.cat(before))
     return {
         "metric": metric, "mean": result_after["mean"], "ci95": result_after["ci95"],
         "before": result_before, "tasks": tasks, "inner_steps": inner.steps, "split": split,
+        "per_task": per_task.tolist(),
     }

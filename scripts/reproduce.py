@@ -1,0 +1,226 @@
+"""Reproduce a benchmark of the MAML paper end to end: train, evaluate, export, check the export.
+
+    python scripts/reproduce.py omniglot-5w1s --minutes 14      # a slot; run again to continue
+    python scripts/reproduce.py sinusoid --iterations 70000     # the full protocol
+    python scripts/reproduce.py --table                         # README table from the results
+
+Each run trains (resuming `OUT/<name>/model.pt` when it exists, so slots of a few minutes add
+up to one run), evaluates on 600 meta-test tasks with a 95% confidence interval, exports the
+adapter as ONNX, evaluates the ONNX adapter with onnxruntime on exactly the same 600 tasks (the
+two must agree), and writes `OUT/<name>/result.json` and the learning curves
+`OUT/<name>/curves.png`. A run that stopped before the protocol's iterations is marked partial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from maml import checkpoint  # noqa: E402
+from maml.config import Config  # noqa: E402
+from maml.curves import plot_curves  # noqa: E402
+from maml.errors import UsageError  # noqa: E402
+from maml.evaluate import eval_batches, evaluate, summary  # noqa: E402
+from maml.experiment import restore  # noqa: E402
+from maml.train import paths, select_engine, train  # noqa: E402
+
+EVAL_SEED, EVAL_TASKS = 1234, 600
+
+# name: (training settings, evaluations [(k_shot, steps)], paper's number(s), what the paper reports)
+BENCHMARKS: dict[str, dict] = {
+    "omniglot-5w1s": dict(train=dict(dataset="omniglot", n_way=5, k_shot=1), evals=[(1, 3)],
+                          paper={"1-shot, 3 steps": (98.7, 0.4)}),
+    "omniglot-5w5s": dict(train=dict(dataset="omniglot", n_way=5, k_shot=5), evals=[(5, 3)],
+                          paper={"5-shot, 3 steps": (99.9, 0.1)}),
+    "omniglot-20w1s": dict(train=dict(dataset="omniglot", n_way=20, k_shot=1), evals=[(1, 5)],
+                           paper={"1-shot, 5 steps": (95.8, 0.3)}),
+    "omniglot-20w5s": dict(train=dict(dataset="omniglot", n_way=20, k_shot=5), evals=[(5, 5)],
+                           paper={"5-shot, 5 steps": (98.9, 0.2)}),
+    "omniglot-5w1s-first-order": dict(
+        train=dict(dataset="omniglot", n_way=5, k_shot=1, first_order=True), evals=[(1, 3)],
+        paper={"1-shot, 3 steps": (98.3, 0.5)}),
+    "omniglot-5w1s-learned-lr": dict(
+        train=dict(dataset="omniglot", n_way=5, k_shot=1, learn_inner_lr=True), evals=[(1, 3)],
+        paper={"1-shot, 3 steps (target, beyond the paper)": (99.0, None)}),
+    "sinusoid": dict(
+        train=dict(dataset="sinusoid", k_shot=10, inner_steps=1, inner_lr=0.01),
+        evals=[(5, 1), (5, 5), (5, 10), (10, 1), (10, 5), (10, 10)],
+        paper={"5-shot, 1 step": (0.67, None), "5-shot, 5 steps": (0.38, None),
+               "5-shot, 10 steps": (0.35, None)}),
+}
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def onnx_check(ckpt: Path, out: Path, k_shot: int, steps: int, tasks: int, reference: list[float]):
+    """Export with `steps` steps; evaluate the ONNX adapter on the same tasks as the reference."""
+    from export.build import export_checkpoint
+
+    import serve
+
+    export_checkpoint(str(ckpt), str(out), steps=steps, formats="onnx", check=True,
+                      log=lambda line: print("  export:", line))
+    adapter = serve.load(out)
+    state = checkpoint.load(ckpt)
+    exp = restore({**state, "config": {**state["config"], "k_shot": k_shot}}, str(ckpt), "cpu")
+    values = []
+    gen = torch.Generator().manual_seed(EVAL_SEED)
+    for batch in eval_batches(exp.source, tasks, gen):
+        for sx, sy, qx, qy in zip(*(t.numpy() for t in batch.tensors())):
+            outputs = np.asarray(adapter.adapt_predict(sx, sy, qx))
+            if exp.cfg.loss == "cross_entropy":
+                values.append(float((outputs.argmax(-1) == qy).mean()))
+            else:
+                values.append(float(((outputs - qy) ** 2).mean()))
+    ours = torch.tensor(values, dtype=torch.float64)
+    ref = torch.tensor(reference, dtype=torch.float64)
+    return {**summary(ours), "tasks": tasks, "max_task_diff": (ours - ref).abs().max().item(),
+            "tasks_equal": int((ours - ref).abs().le(1e-6).sum())}
+
+
+def run(name: str, args: argparse.Namespace) -> dict:
+    bench = BENCHMARKS[name]
+    folder = Path(args.out) / name
+    ckpt = folder / "model.pt"
+    settings = dict(bench["train"], checkpoint=str(ckpt), device=args.device, engine=args.engine,
+                    data_root=args.data_root, val_every=args.val_every, log_every=args.log_every,
+                    seed=args.seed)
+    if args.iterations is not None:
+        settings["iterations"] = args.iterations
+    cfg = Config(**settings)
+    resume = ckpt.is_file()
+    print(f"== {name}: {'resuming' if resume else 'starting'} on {machine()} ==")
+    t0 = time.perf_counter()
+    trained = train(cfg, resume=resume, progress=not args.quiet, max_minutes=args.minutes)
+    wall = time.perf_counter() - t0
+    state = checkpoint.load(ckpt, args.device)
+    run_cfg = Config.from_dict(state["config"])
+    complete = state["iteration"] >= run_cfg.iterations
+    result = {
+        "benchmark": name, "machine": machine(), "device": args.device,
+        "engine": run_cfg.engine, "iterations": state["iteration"],
+        "target_iterations": run_cfg.iterations, "complete": complete,
+        "minutes_capped": args.minutes is not None,
+        "training_seconds": state["metrics"].get("seconds"), "this_slot_seconds": wall,
+        "best_val": trained["best_val"], "settings": run_cfg.to_dict(), "paper": bench["paper"],
+        "evaluations": [], "torch": str(torch.__version__),
+    }
+    engine = select_engine(run_cfg.engine)
+    result["engine"] = engine.__name__.rsplit(".", 1)[-1].removesuffix("_engine")
+    for k_shot, steps in bench["evals"]:
+        exp = restore({**state, "config": {**state["config"], "k_shot": k_shot}}, str(ckpt),
+                      args.device)
+        gen = torch.Generator().manual_seed(EVAL_SEED)
+        r = evaluate(exp.model, exp.inner_lrs, exp.source, exp.cfg.inner_loop(steps), args.tasks,
+                     gen, adapt_predict=engine.adapt_predict)
+        scale = 100.0 if r["metric"] == "accuracy" else 1.0
+        row = {"k_shot": k_shot, "steps": steps, "metric": r["metric"], "mean": r["mean"] * scale,
+               "ci95": r["ci95"] * scale, "tasks": r["tasks"], "per_task": r["per_task"]}
+        print(f"  {k_shot}-shot, {steps} step(s): {row['mean']:.3f} +- {row['ci95']:.3f} "
+              f"({r['metric']}{', %' if scale == 100 else ''}, {args.tasks} tasks)")
+        result["evaluations"].append(row)
+    first = result["evaluations"][0]
+    if not args.skip_onnx:
+        onnx = onnx_check(ckpt, folder / "adapter", first["k_shot"], first["steps"], args.tasks,
+                          first["per_task"])
+        scale = 100.0 if first["metric"] == "accuracy" else 1.0
+        onnx.update(mean=onnx["mean"] * scale, ci95=onnx["ci95"] * scale)
+        print(f"  ONNX adapter on the same tasks: {onnx['mean']:.3f} +- {onnx['ci95']:.3f}, "
+              f"{onnx['tasks_equal']}/{onnx['tasks']} tasks identical, "
+              f"largest per-task difference {onnx['max_task_diff']:.2e}")
+        result["onnx"] = onnx
+    metrics = paths(ckpt)["metrics"]
+    result["seconds_to_98"] = seconds_to(metrics, 0.98) if first["metric"] == "accuracy" else None
+    plot_curves({name: metrics}, folder / "curves.png", title=f"{name} on {machine()}")
+    for row in result["evaluations"]:
+        row.pop("per_task")
+    (folder / "result.json").write_text(json.dumps(result, indent=2))
+    print(f"  wrote {folder / 'result.json'} and {folder / 'curves.png'}")
+    return result
+
+
+def seconds_to(metrics: Path, target: float) -> float | None:
+    """Training seconds at the first validation at or above `target` accuracy."""
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("val_accuracy", 0.0) >= target:
+            return record["seconds"]
+    return None
+
+
+def table(out: Path) -> str:
+    """A markdown table of every result under `out` (rows not run yet say so)."""
+    header = ["benchmark", "setting", "paper", "ours (95% CI)", "ONNX adapter", "iterations",
+              "training time", "engine", "machine"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for name, bench in BENCHMARKS.items():
+        path = out / name / "result.json"
+        paper = {label: value for label, value in bench["paper"].items()}
+        if not path.is_file():
+            for label, (mean, ci) in paper.items():
+                shown = f"{mean}" + (f" +- {ci}" if ci else "")
+                lines.append(f"| {name} | {label} | {shown} | not run yet | | | | | |")
+            continue
+        r = json.loads(path.read_text())
+        for row in r["evaluations"]:
+            label = f"{row['k_shot']}-shot, {row['steps']} step{'s' * (row['steps'] > 1)}"
+            ref = next((v for k, v in paper.items() if k.startswith(label)), None)
+            shown = "" if ref is None else f"{ref[0]}" + (f" +- {ref[1]}" if ref[1] else "")
+            onnx = ""
+            if "onnx" in r and row is r["evaluations"][0]:
+                o = r["onnx"]
+                onnx = f"{o['mean']:.2f} ({o['tasks_equal']}/{o['tasks']} tasks equal)"
+            its = f"{r['iterations']}/{r['target_iterations']}" + ("" if r["complete"] else " (partial)")
+            secs = r.get("training_seconds") or 0
+            lines.append(f"| {name} | {label} | {shown} | {row['mean']:.2f} +- {row['ci95']:.2f} | "
+                         f"{onnx} | {its} | {secs / 60:.1f} min | {r['engine']} | {r['machine']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("benchmark", nargs="?", choices=sorted(BENCHMARKS))
+    p.add_argument("--minutes", type=float, default=None, help="training time for this slot")
+    p.add_argument("--iterations", type=int, default=None, help="override the protocol's iterations")
+    p.add_argument("--tasks", type=int, default=EVAL_TASKS)
+    p.add_argument("--out", default=str(ROOT / "runs" / "reproduce"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--engine", default="auto")
+    p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "omniglot"))
+    p.add_argument("--val-every", type=int, default=500)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-onnx", action="store_true")
+    p.add_argument("--table", action="store_true", help="print the results table and exit")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.table:
+        print(table(Path(args.out)))
+        return 0
+    if args.benchmark is None:
+        p.error("name a benchmark, or pass --table")
+    try:
+        run(args.benchmark, args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
