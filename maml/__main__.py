@@ -1,6 +1,8 @@
 """Command line: `python -m maml train ...` and `python -m maml eval ...` (built with fire).
 
 Bad input ends with one line on standard error, `error: ...`, and exit status 2.
+Both commands also run under torchrun (`torchrun --nproc-per-node N -m maml train ...`): the
+work is spread over the processes (`maml.distributed`) and rank 0 alone prints.
 """
 
 from __future__ import annotations
@@ -66,13 +68,17 @@ class CLI:
         resume: bool = False,
         minutes: float | None = None,
         quiet: bool = False,
+        dist_timeout: float = 300.0,
     ) -> None:
         """Meta-train a model with MAML. Unset settings take the MAML paper's defaults.
 
         `--minutes M` stops after M minutes with a checkpoint; `--resume` continues it later.
         """
+        from maml import distributed
         from maml.config import Config
         from maml.train import train
+
+        ranks, device = distributed.start(device, dist_timeout)
 
         cfg = Config(
             dataset=dataset, n_way=n_way, k_shot=k_shot, q_query=q_query,
@@ -86,7 +92,10 @@ class CLI:
         )
         if minutes is not None and minutes <= 0:
             raise UsageError(f"--minutes must be > 0, got {minutes}")
-        result = train(cfg, resume=resume, progress=not quiet, max_minutes=minutes)
+        result = train(cfg, resume=resume, progress=not quiet, max_minutes=minutes, ranks=ranks)
+        distributed.finish()
+        if not ranks.is_main:
+            return
         best = result["best_val"]
         print(f"trained {result['iterations']} of {result['target_iterations']} iterations "
               f"({result['seconds']:.1f} s of training); "
@@ -108,6 +117,7 @@ class CLI:
         batch_size: int = 25,
         json: bool = False,  # noqa: A002 - the flag is --json
         quiet: bool = False,
+        dist_timeout: float = 300.0,
     ) -> None:
         """Adapt to new tasks from the meta-test split; report the metric with a 95% CI.
 
@@ -118,6 +128,7 @@ class CLI:
         from tqdm import tqdm
 
         from maml import checkpoint as ckpt
+        from maml import distributed
         from maml.evaluate import evaluate
         from maml.experiment import restore
         from maml.train import select_engine
@@ -126,6 +137,7 @@ class CLI:
             raise UsageError(f"--tasks must be >= 1, got {tasks}")
         state = ckpt.load(checkpoint)
         overrides = {k: v for k, v in (("k_shot", k_shot), ("q_query", q_query)) if v is not None}
+        ranks, device = distributed.start(device, dist_timeout)
         exp = restore({**state, "config": {**state["config"], **overrides}}, checkpoint, device)
         cfg = exp.cfg
         if split not in ("train", "val", "test"):
@@ -135,9 +147,12 @@ class CLI:
             raise UsageError(f"--inner-steps must be >= 0, got {steps}")
         chosen = select_engine(engine or cfg.engine)
         gen = torch.Generator().manual_seed(seed)
-        with tqdm(total=tasks, desc="evaluate", disable=quiet or json) as bar:
+        with tqdm(total=tasks, desc="evaluate", disable=quiet or json or not ranks.is_main) as bar:
             result = evaluate(exp.model, exp.inner_lrs, exp.source, cfg.inner_loop(steps), tasks,
-                              gen, split, batch_size, chosen.adapt_predict, bar.update)
+                              gen, split, batch_size, chosen.adapt_predict, bar.update, ranks)
+        distributed.finish()
+        if not ranks.is_main:
+            return
         result.pop("per_task")
         result.update(checkpoint=checkpoint, dataset=cfg.dataset, iteration=state["iteration"])
         name = result["metric"]

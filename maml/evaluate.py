@@ -3,6 +3,8 @@
 The tasks come from a generator with a fixed seed, so every model evaluated with the same seed
 sees the same tasks (and the exported adapter can be checked on exactly those tasks).
 Reported: the mean over tasks and a 95% confidence interval, 1.96 * std / sqrt(tasks).
+Under torchrun (`ranks`) every rank draws the same tasks and adapts its share of each batch; the
+per-task values are summed into one vector on every rank, so the result equals 1 process's.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from maml.adaptation import InnerLoop, task_loss
+from maml.distributed import SINGLE, Ranks
 from maml.tasks import TaskBatch
 
 
@@ -51,6 +54,7 @@ def evaluate(
     batch_size: int = 25,
     adapt_predict: Callable | None = None,
     progress: Callable[[int], None] | None = None,
+    ranks: Ranks = SINGLE,
 ) -> dict:
     """Mean metric with 95% CI over `tasks` new tasks, before and after `inner.steps` steps.
 
@@ -59,20 +63,24 @@ def evaluate(
     """
     if adapt_predict is None:
         from maml.higher_engine import adapt_predict
-    dtype = next(model.parameters()).dtype
-    before, after = [], []
+    first = next(model.parameters())
+    values = torch.zeros(2, tasks, dtype=torch.float64, device=first.device)  # before, after
+    zero = InnerLoop(inner.loss, 0, inner.lr, inner.first_order)
+    done = 0
     for batch in eval_batches(source, tasks, generator, split, batch_size):
-        batch = batch.to(batch.support_x.device, dtype)
-        zero = InnerLoop(inner.loss, 0, inner.lr, inner.first_order)
-        before.append(task_metric(inner.loss, adapt_predict(model, inner_lrs, batch, zero),
-                                  batch.query_y))
-        after.append(task_metric(inner.loss, adapt_predict(model, inner_lrs, batch, inner),
-                                 batch.query_y))
+        lo, hi = ranks.share(len(batch))  # every rank drew the same batch; adapt this rank's part
+        if hi > lo:
+            mine = batch.chunk(lo, hi).to(batch.support_x.device, first.dtype)
+            for row, loop in enumerate((zero, inner)):
+                outputs = adapt_predict(model, inner_lrs, mine, loop)
+                values[row, done + lo:done + hi] = task_metric(inner.loss, outputs, mine.query_y)
+        done += len(batch)
         if progress is not None:
             progress(len(batch))
+    values = ranks.sum(values, "the gathering of evaluation results")
     metric = "accuracy" if inner.loss == "cross_entropy" else "mse"
-    per_task = torch.cat(after)
-    result_after, result_before = summary(per_task), summary(torch.cat(before))
+    per_task = values[1]
+    result_after, result_before = summary(per_task), summary(values[0])
     return {
         "metric": metric, "mean": result_after["mean"], "ci95": result_after["ci95"],
         "before": result_before, "tasks": tasks, "inner_steps": inner.steps, "split": split,

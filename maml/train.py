@@ -10,6 +10,10 @@ N + N resumed iterations equal 2N straight.
 A non-finite meta-loss stops the run with a clear message; it is checked at every log step and
 before every checkpoint write, so no checkpoint ever holds NaN weights (and the step itself never
 waits on the host).
+
+Under torchrun (`ranks`, see `maml.distributed`) each rank takes its share of every meta-batch,
+the meta-gradients are averaged across ranks before the step, validation is spread over ranks,
+and rank 0 alone writes checkpoints, metrics and the progress bar.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from maml import checkpoint
+from maml import checkpoint, distributed
 from maml.config import Config
+from maml.distributed import SINGLE, Ranks
 from maml.errors import UsageError
 from maml.evaluate import evaluate
 from maml.experiment import Experiment, build, restore
@@ -55,13 +60,13 @@ def paths(ckpt: str | Path) -> dict[str, Path]:
             "metrics": Path(f"{stem}.metrics.jsonl")}
 
 
-def _validate(exp: Experiment, engine) -> dict[str, Any]:
+def _validate(exp: Experiment, engine, ranks: Ranks = SINGLE) -> dict[str, Any]:
     cfg = exp.cfg
     split = "val" if cfg.dataset == "omniglot" else "test"
     gen = torch.Generator().manual_seed(VAL_SEED)
     with torch.random.fork_rng(devices=[]):  # validation must not shift training's randomness
         return evaluate(exp.model, exp.inner_lrs, exp.source, cfg.inner_loop(cfg.eval_inner_steps),
-                        cfg.val_tasks, gen, split, adapt_predict=engine.adapt_predict)
+                        cfg.val_tasks, gen, split, adapt_predict=engine.adapt_predict, ranks=ranks)
 
 
 def _better(metric: str, new: float, best: float | None) -> bool:
@@ -75,12 +80,14 @@ def _finite(exp: Experiment) -> bool:
 
 
 def train(
-    cfg: Config, resume: bool = False, progress: bool = True, max_minutes: float | None = None
+    cfg: Config, resume: bool = False, progress: bool = True, max_minutes: float | None = None,
+    ranks: Ranks = SINGLE,
 ) -> dict[str, Any]:
     """Meta-train as `cfg` says (or continue the run at `cfg.checkpoint`); return final metrics.
 
     `max_minutes` caps this call's wall-clock time: the run stops early with a checkpoint, and
     a later `resume=True` call continues it, so several short slots add up to one run.
+    With `ranks` (a torchrun launch) every rank runs this same function on its share of tasks.
     """
     where = paths(cfg.checkpoint)
     if resume:
@@ -94,7 +101,11 @@ def train(
         cfg = cfg.with_defaults()
         exp = build(cfg)
         state = None
+    if ranks.world > cfg.meta_batch_size:
+        raise UsageError(f"--meta-batch-size {cfg.meta_batch_size} is smaller than the {ranks.world} "
+                         f"processes; every process needs at least one task")
     engine = select_engine(cfg.engine)
+    distributed.broadcast_from_main(list(exp.model.buffers()) + exp.meta_parameters, ranks)
     opt = torch.optim.Adam(exp.meta_parameters, lr=cfg.meta_lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     start, metrics = 0, {"best_val": None, "best_iteration": None, "last": {}, "seconds": 0.0}
@@ -104,8 +115,10 @@ def train(
         torch.set_rng_state(state["rng"]["torch"])
         start, metrics = state["iteration"], state["metrics"]
     inner = cfg.inner_loop()
-    where["metrics"].parent.mkdir(parents=True, exist_ok=True)
-    log = where["metrics"].open("a" if resume else "w")
+    main = ranks.is_main
+    if main:
+        where["metrics"].parent.mkdir(parents=True, exist_ok=True)
+    log = where["metrics"].open("a" if resume else "w") if main else None
 
     def snapshot(iteration: int) -> dict[str, Any]:
         return {
@@ -126,18 +139,26 @@ def train(
                 f"checkpoint is {where['latest']}; lower --meta-lr or set --grad-clip"
             )
 
+    def save(path: Path, iteration: int) -> None:
+        distributed.check_replicas_agree(exp.meta_parameters, ranks)
+        if main:
+            checkpoint.save(path, snapshot(iteration))
+
     t0 = time.perf_counter() - metrics.get("seconds", 0.0)  # training seconds add up over resumes
     deadline = None if max_minutes is None else time.perf_counter() + 60 * max_minutes
-    bar = tqdm(total=cfg.iterations, initial=start, disable=not progress, desc="meta-train",
+    bar = tqdm(total=cfg.iterations, initial=start, disable=not (progress and main), desc="meta-train",
                dynamic_ncols=True)
     running: dict[str, float] = {}
     done = start
     try:
         for it in range(start, cfg.iterations):
             batch = exp.source.sample(cfg.meta_batch_size, gen, "train")
-            batch = batch.to(cfg.device, next(exp.model.parameters()).dtype)
+            lo, hi = ranks.share(cfg.meta_batch_size)  # every rank drew the same batch
+            batch = batch.chunk(lo, hi).to(cfg.device, next(exp.model.parameters()).dtype)
             opt.zero_grad(set_to_none=True)
             stats = engine.meta_gradient(exp.model, exp.inner_lrs, batch, inner)
+            stats = distributed.average_meta_gradient(exp.meta_parameters, stats, hi - lo,
+                                                      cfg.meta_batch_size, ranks)
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(exp.meta_parameters, cfg.grad_clip)
             opt.step()
@@ -150,26 +171,30 @@ def train(
                 record = {"iteration": done, "seconds": time.perf_counter() - t0, **running}
                 if done % cfg.val_every == 0 or done == cfg.iterations:
                     val_start = time.perf_counter()
-                    val = _validate(exp, engine)
+                    val = _validate(exp, engine, ranks)
                     t0 += time.perf_counter() - val_start  # the clock counts training only
                     record["val_" + val["metric"]] = val["mean"]
                     if _better(val["metric"], val["mean"], metrics["best_val"]):
                         metrics.update(best_val=val["mean"], best_iteration=done)
                         metrics["last"] = record
-                        checkpoint.save(where["best"], snapshot(done))
+                        save(where["best"], done)
                 metrics["last"] = record
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            out_of_time = deadline is not None and time.perf_counter() > deadline
+                if log is not None:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+            # every rank must stop at the same iteration: rank 0's clock decides
+            out_of_time = deadline is not None and distributed.main_decides(
+                time.perf_counter() > deadline, ranks)
             if done % cfg.checkpoint_every == 0 or done == cfg.iterations or out_of_time:
                 stop_if_diverged(done, stats["loss"].item())
                 metrics["seconds"] = time.perf_counter() - t0
-                checkpoint.save(where["latest"], snapshot(done))
+                save(where["latest"], done)
             if out_of_time:
                 break
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
     return {**metrics, "iterations": done,
             "target_iterations": cfg.iterations, "checkpoint": str(where["latest"]),
             "seconds": time.perf_counter() - t0}
