@@ -22,13 +22,14 @@ How a meta-batch is split, so that N processes compute exactly what 1 process co
 Why an explicit all-reduce and not `DistributedDataParallel`: DDP averages gradients from hooks
 that its own `forward` arms, and it reduces once per `backward`. MAML never calls the wrapped
 module's `forward` (the engines run `higher`'s functional copy, or `torch.func`, with explicit
-parameter lists), and the reference engine calls `backward` once PER TASK, so DDP would either
-never reduce or issue one all-reduce per task, and ranks with unequal task counts would issue
-different numbers of collectives and hang. Verified with torch 2.14 and gloo: wrapping the
-model in DDP and running `higher_engine.meta_gradient` left each rank with its own local
-gradient (no averaging happened), and DDP's reducer raised "Expected to have finished
-reduction in the prior iteration" on the next step. The explicit all-reduce also keeps every
-engine unaware of distribution and costs one collective per iteration.
+parameter lists), and the reference engine calls `backward` once PER TASK, so DDP would at best
+issue one all-reduce per task, and ranks with unequal task counts would then issue different
+numbers of collectives and hang. Verified with torch 2.14.1, gloo, 2 processes
+(`scripts/ddp_conflict_check.py`): `higher.monkeypatch` cannot wrap a DDP module at all
+("TypeError: Cannot create a consistent method resolution order"), and running the engine on
+`ddp.module` leaves every rank with its own, different, gradient: DDP silently averages nothing.
+The explicit all-reduce keeps the engines unaware of distribution and costs one collective per
+iteration; the 1-vs-2-process test in `tests/test_distributed.py` checks it.
 
 Failures: a collective that fails (a peer process died: connection closed; or a peer stalled
 longer than `--dist-timeout`) becomes a one-line `DistributedError` naming the rank and what it
@@ -40,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -92,13 +94,21 @@ def guard(ranks: Ranks, what: str) -> Iterator[None]:
     try:
         yield
     except (RuntimeError, dist.DistError) as exc:
-        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-        reason = lines[0][:200] if lines else type(exc).__name__
+        reason = _first_sentence(str(exc)) or type(exc).__name__
         raise DistributedError(
             f"[rank {ranks.rank}/{ranks.world}] lost contact with the other processes during "
             f"{what} ({reason}): a process died or stalled for more than --dist-timeout "
             f"{ranks.timeout_s:g} s; see the other ranks' output"
         ) from None
+
+
+def _first_sentence(message: str) -> str:
+    """The gist of a backend error: first line, without gloo's `[file.cc:123]` prefix, one sentence."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", lines[0])
+    return re.split(r"(?<=[a-z0-9])\. ", text, maxsplit=1)[0][:160]
 
 
 def launched() -> bool:

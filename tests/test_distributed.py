@@ -1,0 +1,158 @@
+"""Distributed meta-training: 2 CPU processes (gloo on loopback) against 1 process.
+
+The runs are tiny sinusoid runs; every launch is a real `torchrun ... -m maml` (or, for the
+failure cases, two hand-launched ranks), so they cost process start-ups, not compute.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from maml.__main__ import main
+from maml.config import Config
+from maml.distributed import Ranks
+from maml.errors import UsageError
+from maml.train import paths, train
+
+ROOT = Path(__file__).resolve().parents[1]
+# 5 tasks over 2 ranks: unequal shares (3 + 2), so the gradient weighting is exercised
+COMMON = ["--meta-batch-size", "5", "--log-every", "2", "--val-every", "4", "--val-tasks", "7",
+          "--checkpoint-every", "4", "--learn-inner-lr", "--quiet"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "maml", *args]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def tensors(path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, weights_only=True)
+    return {**state["model"]["state_dict"], "inner_lrs": state["inner_lrs"]}
+
+
+def assert_close(a: dict, b: dict, tol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        gap = (a[key] - b[key]).abs().max().item()
+        assert gap <= tol, (key, gap)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """2 processes: 4 iterations, then --resume to 8; 1 process: 4 and 8 straight."""
+    tmp = tmp_path_factory.mktemp("dist")
+    two, half = tmp / "two" / "run.pt", tmp / "half.pt"
+    launches = {"first": torchrun(2, "train", "--iterations", "4", "--checkpoint", str(two), *COMMON)}
+    shutil.copy(two, half)
+    launches["resume"] = torchrun(2, "train", "--iterations", "8", "--resume", "--checkpoint",
+                                  str(two), *COMMON)
+    one = {}
+    for n in (4, 8):
+        one[n] = tmp / f"one{n}" / "run.pt"
+        assert main(["train", "--iterations", str(n), "--checkpoint", str(one[n]), *COMMON]) == 0
+    return {"two": two, "half": half, "one": one, "launches": launches}
+
+
+def test_two_processes_give_the_weights_of_one(runs):
+    assert_close(tensors(runs["half"]), tensors(runs["one"][4]))
+    # the 2-process run changed the weights (not a vacuous comparison) ...
+    start = tensors(runs["half"])
+    moved = max((start[k] - tensors(runs["two"])[k]).abs().max().item() for k in start)
+    assert moved > 1e-3
+    # ... and resuming it with 2 processes (each loads the checkpoint) stays on the 1-process path
+    assert_close(tensors(runs["two"]), tensors(runs["one"][8]))
+    distributed, single = (torch.load(p, weights_only=True) for p in (runs["two"], runs["one"][8]))
+    assert distributed["iteration"] == 8
+    assert torch.equal(distributed["rng"]["tasks"], single["rng"]["tasks"])  # same tasks drawn
+    assert abs(distributed["metrics"]["best_val"] - single["metrics"]["best_val"]) < 1e-5
+
+
+def test_rank_zero_alone_writes_and_prints(runs):
+    metrics = paths(runs["two"])["metrics"]
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["iteration"] for r in lines] == [2, 4, 6, 8]  # once each: rank 1 wrote nothing
+    assert sorted(p.name for p in runs["two"].parent.iterdir()) == [
+        "run.best.pt", "run.metrics.jsonl", "run.pt"]
+    for launch in runs["launches"].values():
+        assert launch.stdout.count("trained ") == 1, launch.stdout
+
+
+def test_eval_spread_over_ranks_equals_one_process(runs, capsys):
+    # 7 tasks in batches of 3: shares 2+1, 2+1 and 1+0 (rank 1 idle on the last batch)
+    args = ["eval", "--checkpoint", str(runs["two"]), "--tasks", "7", "--batch-size", "3",
+            "--inner-steps", "2", "--json"]
+    two = torchrun(2, *args)
+    spread = json.loads(two.stdout.strip().splitlines()[-1])
+    assert two.stdout.count('"metric"') == 1
+    assert main(args) == 0
+    single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert spread == single
+
+
+def test_shares_cover_every_task_once():
+    for n in range(1, 12):
+        for world in range(1, 5):
+            shares = [Ranks(rank, world).share(n) for rank in range(world)]
+            assert shares[0][0] == 0 and shares[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+            sizes = [hi - lo for lo, hi in shares]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_more_processes_than_tasks_is_one_clear_line(tmp_path):
+    cfg = Config(iterations=2, meta_batch_size=1, checkpoint=str(tmp_path / "x.pt"))
+    with pytest.raises(UsageError, match="--meta-batch-size 1 is smaller than the 2 processes"):
+        train(cfg, progress=False, ranks=Ranks(rank=0, world=2))  # checked before any collective
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("fault", ["stall:2", "die:2"])
+def test_a_lost_rank_stops_the_others_with_one_line(tmp_path, fault):
+    """Rank 1 hangs (or crashes) at its 2nd meta-gradient; rank 0 must stop within the timeout."""
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    port = str(free_port())
+    args = ["train", "--iterations", "6", "--meta-batch-size", "2", "--log-every", "1",
+            "--checkpoint-every", "1", "--val-every", "100", "--val-tasks", "2",
+            "--checkpoint", str(tmp_path / "run.pt"), "--dist-timeout", "3", "--quiet"]
+    procs = []
+    for rank, role in enumerate(["none", fault]):
+        env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONPATH": str(ROOT)}
+        procs.append(subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "dist_worker.py"), str(ready), role, *args],
+            cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True))
+    try:
+        t0 = time.monotonic()
+        _, err = procs[0].communicate(timeout=120)
+        waited = time.monotonic() - t0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    lines = err.strip().splitlines()
+    assert procs[0].returncode == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: [rank 0/2] lost contact"), err
+    assert "meta-gradient all-reduce" in lines[0] and "--dist-timeout 3 s" in lines[0]
+    assert waited < 100
+    # rank 0 wrote the iteration both ranks finished, and nothing after
+    assert torch.load(tmp_path / "run.pt", weights_only=True)["iteration"] == 1
