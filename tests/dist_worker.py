@@ -1,9 +1,11 @@
-"""One rank of a hand-launched 2-process run, for `test_distributed.py` (not collected by pytest).
+"""One rank of a 2-process run with a fault injected, for `test_distributed.py` (not collected).
 
-`python tests/dist_worker.py READY_DIR FAULT CLI-ARGS...` with RANK/WORLD_SIZE/MASTER_* set:
-waits until every rank has imported torch (so start-up skew cannot trip a short --dist-timeout),
-then runs `python -m maml CLI-ARGS...`. FAULT is `none`, or `stall:N` / `die:N` to hang forever or
-exit abruptly at this rank's Nth meta-gradient, simulating a stuck or crashed process.
+`python tests/dist_worker.py READY_DIR FAULT CLI-ARGS...` with RANK/WORLD_SIZE/MASTER_* set (by
+hand or by torchrun): waits until every rank has imported torch (so start-up skew cannot trip a
+short --dist-timeout), then runs `python -m maml CLI-ARGS...`. FAULT applies to ranks > 0 only:
+- `none`;
+- `perturb`: start from different random weights (rank 0's broadcast must overwrite them);
+- `stall:N` / `die:N`: hang forever / exit abruptly at the Nth meta-gradient.
 """
 
 import os
@@ -11,14 +13,28 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+import maml.train
 from maml import higher_engine
 from maml.__main__ import main
 
 ready, fault, argv = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
-if fault != "none":
-    mode, at = fault.split(":")
+mode, _, at = fault.partition(":")
+if int(os.environ["RANK"]) > 0 and mode == "perturb":
+    real_build = maml.train.build
+
+    def perturbed(*args, **kwargs):
+        exp = real_build(*args, **kwargs)
+        with torch.no_grad():
+            for p in exp.model.parameters():
+                p.add_(torch.randn_like(p))
+        return exp
+
+    maml.train.build = perturbed
+elif int(os.environ["RANK"]) > 0 and mode in ("stall", "die"):
     calls = {"n": 0}
-    real = higher_engine.meta_gradient
+    real_meta_gradient = higher_engine.meta_gradient
 
     def faulty(*args, **kwargs):
         calls["n"] += 1
@@ -26,7 +42,7 @@ if fault != "none":
             if mode == "die":
                 os._exit(3)
             time.sleep(3600)
-        return real(*args, **kwargs)
+        return real_meta_gradient(*args, **kwargs)
 
     higher_engine.meta_gradient = faulty
 

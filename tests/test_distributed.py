@@ -34,10 +34,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
+def torchrun(n: int, *args: str, program: tuple[str, ...] = ("-m", "maml")) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "maml", *args]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *program, *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -56,10 +57,17 @@ def assert_close(a: dict, b: dict, tol: float = 1e-6) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """2 processes: 4 iterations, then --resume to 8; 1 process: 4 and 8 straight."""
+    """2 processes: 4 iterations, then --resume to 8; 1 process: 4 and 8 straight.
+
+    In the first 2-process run rank 1 builds DIFFERENT random weights: rank 0's broadcast must
+    overwrite them for the runs to agree.
+    """
     tmp = tmp_path_factory.mktemp("dist")
     two, half = tmp / "two" / "run.pt", tmp / "half.pt"
-    launches = {"first": torchrun(2, "train", "--iterations", "4", "--checkpoint", str(two), *COMMON)}
+    (tmp / "ready").mkdir()
+    worker = (str(ROOT / "tests" / "dist_worker.py"), str(tmp / "ready"), "perturb")
+    launches = {"first": torchrun(2, "train", "--iterations", "4", "--checkpoint", str(two), *COMMON,
+                                  program=worker)}
     shutil.copy(two, half)
     launches["resume"] = torchrun(2, "train", "--iterations", "8", "--resume", "--checkpoint",
                                   str(two), *COMMON)
