@@ -57,31 +57,34 @@ def assert_close(a: dict, b: dict, tol: float = 1e-6) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """2 processes: 4 iterations, then --resume to 8; 1 process: 4 and 8 straight.
+    """2 processes: a run of 8 iterations cut after 1 by --minutes, then --resume to 8;
+    1 process: 1 and 8 iterations straight.
 
     In the first 2-process run rank 1 builds DIFFERENT random weights: rank 0's broadcast must
-    overwrite them for the runs to agree.
+    overwrite them for the runs to agree. Its time budget is spent after the first iteration on
+    rank 0's clock, and both ranks must stop there together (else torchrun reports a failure).
     """
     tmp = tmp_path_factory.mktemp("dist")
-    two, half = tmp / "two" / "run.pt", tmp / "half.pt"
+    two, cut = tmp / "two" / "run.pt", tmp / "cut.pt"
     (tmp / "ready").mkdir()
     worker = (str(ROOT / "tests" / "dist_worker.py"), str(tmp / "ready"), "perturb")
-    launches = {"first": torchrun(2, "train", "--iterations", "4", "--checkpoint", str(two), *COMMON,
-                                  program=worker)}
-    shutil.copy(two, half)
+    launches = {"first": torchrun(2, "train", "--iterations", "8", "--minutes", "1e-9",
+                                  "--checkpoint", str(two), *COMMON, program=worker)}
+    shutil.copy(two, cut)
     launches["resume"] = torchrun(2, "train", "--iterations", "8", "--resume", "--checkpoint",
                                   str(two), *COMMON)
     one = {}
-    for n in (4, 8):
+    for n in (1, 8):
         one[n] = tmp / f"one{n}" / "run.pt"
         assert main(["train", "--iterations", str(n), "--checkpoint", str(one[n]), *COMMON]) == 0
-    return {"two": two, "half": half, "one": one, "launches": launches}
+    return {"two": two, "cut": cut, "one": one, "launches": launches}
 
 
 def test_two_processes_give_the_weights_of_one(runs):
-    assert_close(tensors(runs["half"]), tensors(runs["one"][4]))
+    assert torch.load(runs["cut"], weights_only=True)["iteration"] == 1
+    assert_close(tensors(runs["cut"]), tensors(runs["one"][1]))
     # the 2-process run changed the weights (not a vacuous comparison) ...
-    start = tensors(runs["half"])
+    start = tensors(runs["cut"])
     moved = max((start[k] - tensors(runs["two"])[k]).abs().max().item() for k in start)
     assert moved > 1e-3
     # ... and resuming it with 2 processes (each loads the checkpoint) stays on the 1-process path
