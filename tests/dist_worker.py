@@ -21,10 +21,12 @@ from maml.__main__ import main
 
 ready, fault, argv = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 mode, _, at = fault.partition(":")
+injected = {"n": 0}
 if int(os.environ["RANK"]) > 0 and mode == "perturb":
     real_build = maml.train.build
 
     def perturbed(*args, **kwargs):
+        injected["n"] += 1
         exp = real_build(*args, **kwargs)
         with torch.no_grad():
             for p in exp.model.parameters():
@@ -49,4 +51,7 @@ elif int(os.environ["RANK"]) > 0 and mode in ("stall", "die"):
 (ready / os.environ["RANK"]).touch()
 while len(list(ready.iterdir())) < int(os.environ["WORLD_SIZE"]):
     time.sleep(0.05)
-sys.exit(main(argv))
+code = main(argv)
+if int(os.environ["RANK"]) > 0 and mode == "perturb" and not injected["n"]:
+    sys.exit("dist_worker: the perturbation was never applied (did maml.train stop using build?)")
+sys.exit(code)

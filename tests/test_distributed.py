@@ -127,6 +127,11 @@ def test_shares_cover_every_task_once():
             assert max(sizes) - min(sizes) <= 1
 
 
+def test_bad_timeout_is_one_clear_line(tmp_path, capsys):
+    assert main(["train", "--dist-timeout", "0", "--checkpoint", str(tmp_path / "x.pt")]) == 2
+    assert capsys.readouterr().err.strip() == "error: --dist-timeout must be > 0 seconds, got 0"
+
+
 def test_more_processes_than_tasks_is_one_clear_line(tmp_path):
     cfg = Config(iterations=2, meta_batch_size=1, checkpoint=str(tmp_path / "x.pt"))
     with pytest.raises(UsageError, match="--meta-batch-size 1 is smaller than the 2 processes"):
