@@ -35,17 +35,11 @@ class TrainingDiverged(UsageError):
     """The meta-loss became non-finite."""
 
 
-def select_engine(name: str):
-    """The engine module for `--engine` (`auto` picks the fastest available for the device)."""
-    from maml import higher_engine
+def select_engine(name: str, cfg: Config | None = None):
+    """The engine for `--engine` with the run's engine settings (see `maml.engine_select`)."""
+    from maml.engine_select import options_from, select
 
-    if name in ("auto", "higher"):
-        return higher_engine
-    try:
-        from maml import batched_engine
-    except ImportError:
-        raise UsageError("the batched engine is not available in this version; use --engine higher") from None
-    return batched_engine
+    return select(options_from(name, cfg))
 
 
 def paths(ckpt: str | Path) -> dict[str, Path]:
@@ -88,8 +82,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
         cfg = cfg.with_defaults()
         exp = build(cfg)
         state = None
-    engine = select_engine(cfg.engine)
-    opt = torch.optim.Adam(exp.meta_parameters, lr=cfg.meta_lr)
+    engine = select_engine(cfg.engine, cfg)
+    fused = True if torch.device(cfg.device).type == "cuda" else None  # one kernel per step
+    opt = torch.optim.Adam(exp.meta_parameters, lr=cfg.meta_lr, fused=fused)
     gen = torch.Generator().manual_seed(cfg.seed)
     start, metrics = 0, {"best_val": None, "best_iteration": None, "last": {}}
     if state is not None:
