@@ -32,7 +32,7 @@ from maml.tasks import TaskBatch
 
 TOLERANCE = 1e-8  # float64 agreement the probe demands; exact engines agree to ~1e-15
 PROBE_TASKS = 2
-TIMED_TASKS = 4
+TIMED_TASKS = 8
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,8 @@ class SelectedEngine:
         if self.options.name == "auto" and device.type == "cpu":
             name, ratio = faster_on_cpu(model, learned_lrs, batch, inner, self.batched, purpose)
             if purpose == "train":
-                self.warn(f"engine auto: {name} ({ratio:.1f}x faster than the other on a timed "
+                other = "batched" if name == "higher" else "higher"
+                self.warn(f"engine auto: {name} ({ratio:.1f}x faster than {other} on a timed "
                           "sample of the first batch on this CPU)")
             return higher_engine if name == "higher" else self.batched
         return self.batched

@@ -294,3 +294,34 @@ def test_named_engines_run_what_they_name():
         assert engine.name == name
     expected, _ = gradient(higher_engine, model, learned, batch, inner)
     assert rel(got, expected) <= TOL
+
+
+def test_cli_trains_the_same_run_with_either_engine(tmp_path):
+    from maml.__main__ import main
+
+    common = ["train", "--iterations", "4", "--dtype", "float64", "--meta-batch-size", "5",
+              "--learn-inner-lr", "--inner-steps", "2", "--log-every", "2", "--val-every", "4",
+              "--val-tasks", "3", "--quiet"]
+    for engine in ("higher", "batched"):
+        assert main(common + ["--engine", engine, "--task-chunk", "2",
+                              "--checkpoint", str(tmp_path / f"{engine}.pt")]) == 0
+    a, b = (torch.load(tmp_path / f"{e}.pt", weights_only=False) for e in ("higher", "batched"))
+    for key, value in a["model"]["state_dict"].items():
+        torch.testing.assert_close(b["model"]["state_dict"][key], value, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(b["inner_lrs"], a["inner_lrs"], rtol=1e-10, atol=1e-12)
+    assert b["config"]["engine"] == "batched" and b["config"]["task_chunk"] == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--task-chunk", "0"], "--task-chunk must be"),
+    (["--memory-budget-mb", "-1"], "--memory-budget-mb must be > 0"),
+    (["--cuda-graphs"], "--cuda-graphs needs --device cuda"),
+    (["--engine", "fast"], "unknown engine"),
+])
+def test_cli_rejects_bad_engine_settings_before_writing(tmp_path, capsys, flags, message):
+    from maml.__main__ import main
+
+    ckpt = tmp_path / "run.pt"
+    assert main(["train", "--iterations", "1", "--quiet", "--checkpoint", str(ckpt)] + flags) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
