@@ -39,10 +39,10 @@ from maml.models import maxpool_cnn, sinusoid_mlp
 from maml.tasks import TaskBatch
 
 SETTINGS = {
-    "5w1s q15 B32 1 step": dict(kind="image", n_way=5, q=15, tasks=32, steps=1, lr=0.4),
-    "5w1s q15 B32 5 steps": dict(kind="image", n_way=5, q=15, tasks=32, steps=5, lr=0.4),
-    "20w1s q5 B16 5 steps": dict(kind="image", n_way=20, q=5, tasks=16, steps=5, lr=0.1),
     "sinusoid K10 Q10 B25 1 step": dict(kind="sine", tasks=25, steps=1, lr=0.01),
+    "5w1s q15 B32 1 step": dict(kind="image", n_way=5, q=15, tasks=32, steps=1, lr=0.4),
+    "20w1s q5 B16 5 steps": dict(kind="image", n_way=20, q=5, tasks=16, steps=5, lr=0.1),
+    "5w1s q15 B32 5 steps": dict(kind="image", n_way=5, q=15, tasks=32, steps=5, lr=0.4),
 }
 
 
@@ -88,11 +88,13 @@ def run_row(engine, model, batch, inner, device, iterations: int, warmup: int):
     sync(device)
     first = time.perf_counter() - t0
     meter = _PeakMemory(device)
-    peak = meter.measure(once) if meter.available else float("nan")
-    times = []
-    for _ in range(iterations):
+    times, peak = [], float("nan")
+    for i in range(iterations):
         t = time.perf_counter()
-        once()
+        if i == 0 and meter.available:  # the first timed iteration also records peak memory
+            peak = meter.measure(once)
+        else:
+            once()
         sync(device)
         times.append(time.perf_counter() - t)
     grad = torch.cat([p.grad.flatten() for p in params]).double().cpu()
@@ -101,10 +103,12 @@ def run_row(engine, model, batch, inner, device, iterations: int, warmup: int):
 
 
 def rows_for(device: torch.device, args) -> list[tuple[str, object, dict]]:
-    rows = [("higher loop", higher_engine, {}),
-            ("batched", BatchedEngine(task_chunk=10**9), {}),
-            (f"batched, auto chunk <= {args.memory_budget_mb:.0f} MB",
-             BatchedEngine(memory_budget_mb=args.memory_budget_mb), {})]
+    rows = [("higher loop", higher_engine, {})]
+    if not args.chunked_only:
+        rows.append(("batched", BatchedEngine(task_chunk=10**9), {}))
+    if device.type == "cuda" or not args.quick or args.chunked_only:
+        rows.append((f"batched, auto chunk <= {args.memory_budget_mb:.0f} MB",
+                     BatchedEngine(memory_budget_mb=args.memory_budget_mb), {}))
     if args.compile:
         rows.append(("batched + torch.compile", BatchedEngine(task_chunk=10**9, compile=True), {}))
     if device.type == "cuda":
@@ -119,8 +123,7 @@ def rows_for(device: torch.device, args) -> list[tuple[str, object, dict]]:
     return rows
 
 
-def bench(device: torch.device, args) -> list[dict]:
-    results = []
+def bench(device: torch.device, args, results: list[dict], save) -> list[dict]:
     for name, setting in SETTINGS.items():
         if args.only and args.only not in name:
             continue
@@ -146,6 +149,7 @@ def bench(device: torch.device, args) -> list[dict]:
                             "chunk": chunk})
             print(f"{name} / {row}: {r['ms']:.1f} ms, peak {r['peak_mb']:.0f} MB, "
                   f"grad rel diff {rel:.1e}", flush=True)
+            save()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     return results
 
@@ -165,37 +169,53 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=10, help="timed meta-iterations")
     parser.add_argument("--warmup", type=int, default=1, help="untimed meta-iterations first")
-    parser.add_argument("--quick", action="store_true", help="2 timed iterations, CPU budget")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 timed iteration, no CPU auto-chunk row: minutes on a 2-core CPU")
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows")
     parser.add_argument("--memory-budget-mb", type=float, default=1024.0)
     parser.add_argument("--only", default="", help="run settings whose name contains this")
     parser.add_argument("--cpu-only", action="store_true")
+    parser.add_argument("--chunked-only", action="store_true",
+                        help="skip the whole-batch row (it needs ~7 GB RAM per 32 tasks on CPU)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     parser.add_argument("--out", default="benchmarks")
     args = parser.parse_args()
     if args.quick:
-        args.iterations = min(args.iterations, 2)
+        args.iterations = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")]
     if torch.cuda.is_available() and not args.cpu_only:
         devices.append(torch.device("cuda"))
-    results = []
-    for device in devices:
-        results += bench(device, args)
-    machine = {"platform": platform.platform(), "processor": platform.processor(),
+    machine = {"platform": platform.platform(), "processor": _cpu_name(),
                "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
                "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bench_train-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    results: list[dict] = []
+
+    def save() -> None:  # after every row, so a long run that is cut short keeps its rows
+        path.write_text(json.dumps({"machine": machine, "args": vars(args), "results": results},
+                                   indent=1))
+
+    for device in devices:
+        bench(device, args, results, save)
     print()
     print(f"machine: {machine}")
     print(table(results))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = out / f"bench_train-{stamp}.json"
-    path.write_text(json.dumps({"machine": machine, "args": vars(args), "results": results},
-                               indent=1))
     print(f"wrote {path}")
 
 

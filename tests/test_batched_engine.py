@@ -285,6 +285,19 @@ def test_auto_falls_back_to_higher_once_and_batched_refuses():
         batched.meta_gradient(model, None, batch, inner)
 
 
+def test_auto_on_cpu_announces_its_timed_choice_once_and_keeps_the_meta_gradient():
+    model, learned, batch = setup("mlp", 2, True)
+    inner = InnerLoop("mse", 2, 0.05)
+    lines = []
+    auto = SelectedEngine(EngineOptions(name="auto"), warn=lines.append)
+    expected, _ = gradient(higher_engine, model, learned, batch, inner)
+    for _ in range(2):
+        got, _ = gradient(auto, model, learned, batch, inner)
+        assert rel(got, expected) <= TOL
+    assert auto.name in ("higher", "batched")
+    assert len(lines) == 1 and lines[0].startswith(f"engine auto: {auto.name} (")
+
+
 def test_named_engines_run_what_they_name():
     model, learned, batch = setup("mlp", 1, False)
     inner = InnerLoop("mse", 1, 0.05)
@@ -325,3 +338,16 @@ def test_cli_rejects_bad_engine_settings_before_writing(tmp_path, capsys, flags,
     assert main(["train", "--iterations", "1", "--quiet", "--checkpoint", str(ckpt)] + flags) == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_higher():
+    """`--compile` (torch.compile of the whole step, on CPU here) keeps the exact meta-gradient."""
+    model, learned, batch = setup("mlp", 1, True)
+    inner = InnerLoop("mse", 1, 0.05)
+    expected, expected_stats = gradient(higher_engine, model, learned, batch, inner)
+    engine = BatchedEngine(task_chunk=2, compile=True)
+    for _ in range(2):  # the compiled step, then its cached replay
+        got, stats = gradient(engine, model, learned, batch, inner)
+        assert rel(got, expected) <= TOL
+        torch.testing.assert_close(stats["loss"], expected_stats["loss"], rtol=1e-12, atol=0)
