@@ -20,7 +20,6 @@ to keep the step's peak memory under `memory_budget_mb` (see `_ChunkSizer`).
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -139,7 +138,14 @@ class _PeakMemory:
 
     @property
     def available(self) -> bool:
-        return self.device.type == "cuda" or sys.platform.startswith("linux")
+        if self.device.type == "cuda":
+            return True
+        try:  # the peak-RSS reset needs Linux and a writable /proc/self/clear_refs
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
 
     def _rss_kb(self, key: str) -> int:
         with open("/proc/self/status") as f:
@@ -196,24 +202,29 @@ class BatchedEngine:
     _steps: dict = field(default_factory=dict, repr=False)
     _predicts: dict = field(default_factory=dict, repr=False)
 
-    def _step(self, model: nn.Module, inner: InnerLoop, learned: bool, shapes: tuple) -> Callable:
-        key = (id(model), inner, learned, shapes if self.cuda_graphs else None)
+    def _step(
+        self, model: nn.Module, inner: InnerLoop, learned: bool, shapes: tuple, plain: bool
+    ) -> Callable:
+        """The step for these chunk shapes; `plain` skips compilation and graph capture."""
+        key = (id(model), inner, learned, shapes if self.cuda_graphs else None, plain)
         if key not in self._steps:
             step = meta_step_fn(model, inner, learned)
             if self.bf16:
                 step = _autocast(step, next(model.parameters()).device)
-            if self.compile:
+            if self.compile and not plain:
                 step = torch.compile(step, dynamic=False)
-            if self.cuda_graphs:
+            if self.cuda_graphs and not plain:
                 step = _CudaGraphStep(step)
             self._steps[key] = step
         return self._steps[key]
 
-    def _run_chunk(self, model, learned_lrs, batch: TaskBatch, inner, start, stop, total, acc):
+    def _run_chunk(
+        self, model, learned_lrs, batch: TaskBatch, inner, start, stop, total, acc, plain=False
+    ):
         params = tuple(model.parameters())
         tensors = tuple(t[start:stop] for t in batch.tensors())
         step = self._step(model, inner, learned_lrs is not None,
-                          tuple(tuple(t.shape) for t in tensors))
+                          tuple(tuple(t.shape) for t in tensors), plain)
         grads, lr_grad, loss_sum, acc_sum = step(params, learned_lrs, *tensors, total)
         for p, g in zip(params, grads, strict=True):
             _add_grad(p, g)
@@ -224,8 +235,9 @@ class BatchedEngine:
     def _size_chunks(self, model, learned_lrs, batch, inner, sums) -> int:
         """Pick the chunk on the first batch: run 1 task, then 2, fit memory = a + b * tasks.
 
-        The probe chunks are real work: they are the first three tasks of this meta-gradient.
-        Returns how many tasks of `batch` the probe already covered.
+        The probe chunks are real work: they are the first three tasks of this meta-gradient
+        (run eagerly, so no compilation or graph capture is spent on probe shapes). Returns how
+        many tasks of `batch` the probe already covered.
         """
         total = len(batch)
         device = next(model.parameters()).device
@@ -235,9 +247,9 @@ class BatchedEngine:
             self.chosen_chunk = total
             return 0
         one = meter.measure(lambda: self._run_chunk(model, learned_lrs, batch, inner, 0, 1,
-                                                    total, sums))
+                                                    total, sums, plain=True))
         two = meter.measure(lambda: self._run_chunk(model, learned_lrs, batch, inner, 1, 3,
-                                                    total, sums))
+                                                    total, sums, plain=True))
         per_task = max(two - one, 1)
         fixed = max(one - per_task, 0)
         room = budget * 2**20 - meter.resident() - fixed
