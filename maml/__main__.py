@@ -130,6 +130,7 @@ class CLI:
             raise UsageError(f"--inner-steps must be >= 0, got {steps}")
         if task_chunk is not None:
             cfg.task_chunk = task_chunk
+        cfg.cuda_graphs = False  # graph capture is for the training step only
         chosen = select_engine(engine or cfg.engine, cfg)
         gen = torch.Generator().manual_seed(seed)
         with tqdm(total=tasks, desc="evaluate", disable=quiet or json) as bar:

@@ -309,7 +309,9 @@ def test_named_engines_run_what_they_name():
     assert rel(got, expected) <= TOL
 
 
-def test_cli_trains_the_same_run_with_either_engine(tmp_path):
+def test_cli_trains_the_same_run_with_either_engine(tmp_path, capsys):
+    import json
+
     from maml.__main__ import main
 
     common = ["train", "--iterations", "4", "--dtype", "float64", "--meta-batch-size", "5",
@@ -323,6 +325,14 @@ def test_cli_trains_the_same_run_with_either_engine(tmp_path):
         torch.testing.assert_close(b["model"]["state_dict"][key], value, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(b["inner_lrs"], a["inner_lrs"], rtol=1e-10, atol=1e-12)
     assert b["config"]["engine"] == "batched" and b["config"]["task_chunk"] == 2
+    results = {}
+    for engine in ("higher", "batched"):
+        capsys.readouterr()
+        assert main(["eval", "--checkpoint", str(tmp_path / "higher.pt"), "--tasks", "7",
+                     "--batch-size", "4", "--engine", engine, "--task-chunk", "3", "--json",
+                     "--quiet"]) == 0
+        results[engine] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert results["batched"]["mean"] == pytest.approx(results["higher"]["mean"], rel=1e-10)
 
 
 @pytest.mark.parametrize("flags, message", [
