@@ -216,8 +216,9 @@ def options_from(name: str, cfg=None) -> EngineOptions:
     if cfg is None:
         return EngineOptions(name=name)
     chunk, budget = getattr(cfg, "task_chunk", None), getattr(cfg, "memory_budget_mb", None)
+    chunk = None if chunk == "auto" else chunk  # `--task-chunk auto`: sized to the budget
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
-        raise UsageError(f"--task-chunk must be a whole number >= 1, got {chunk!r}")
+        raise UsageError(f"--task-chunk must be a whole number >= 1 or auto, got {chunk!r}")
     if budget is not None and not budget > 0:
         raise UsageError(f"--memory-budget-mb must be > 0, got {budget!r}")
     cuda = str(getattr(cfg, "device", "cpu")).startswith("cuda")

@@ -361,3 +361,12 @@ def test_compiled_step_matches_higher():
         got, stats = gradient(engine, model, learned, batch, inner)
         assert rel(got, expected) <= TOL
         torch.testing.assert_close(stats["loss"], expected_stats["loss"], rtol=1e-12, atol=0)
+
+
+def test_cli_task_chunk_auto_with_a_budget_trains(tmp_path):
+    from maml.__main__ import main
+
+    ckpt = tmp_path / "run.pt"
+    assert main(["train", "--iterations", "2", "--quiet", "--engine", "batched", "--task-chunk",
+                 "auto", "--memory-budget-mb", "4096", "--checkpoint", str(ckpt)]) == 0
+    assert torch.load(ckpt, weights_only=False)["iteration"] == 2
