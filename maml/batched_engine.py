@@ -248,7 +248,12 @@ class BatchedEngine:
         tensors = tuple(t[start:stop] for t in batch.tensors())
         step = self._step(model, inner, learned_lrs is not None,
                           tuple(tuple(t.shape) for t in tensors), plain)
-        grads, lr_grad, loss_sum, acc_sum = step(params, learned_lrs, *tensors, total)
+        # Detached inputs: torch.func.grad gives the gradients; an outer autograd graph around
+        # the step would only hold memory.
+        lrs = None if learned_lrs is None else learned_lrs.detach()
+        grads, lr_grad, loss_sum, acc_sum = step(
+            tuple(p.detach() for p in params), lrs, *tensors, total
+        )
         for p, g in zip(params, grads, strict=True):
             _add_grad(p, g)
         if lr_grad is not None:
