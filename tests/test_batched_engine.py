@@ -370,3 +370,14 @@ def test_cli_task_chunk_auto_with_a_budget_trains(tmp_path):
     assert main(["train", "--iterations", "2", "--quiet", "--engine", "batched", "--task-chunk",
                  "auto", "--memory-budget-mb", "4096", "--checkpoint", str(ckpt)]) == 0
     assert torch.load(ckpt, weights_only=False)["iteration"] == 2
+
+
+def test_bf16_autocast_runs_and_stays_near_the_float32_meta_gradient():
+    """Opt-in bf16: wired through the step (it must change the numbers), loosely accurate."""
+    model, learned, batch = setup("mlp", 1, False)
+    model, batch = model.float(), batch.to("cpu", torch.float32)
+    inner = InnerLoop("mse", 1, 0.05)
+    expected, _ = gradient(higher_engine, model, learned, batch, inner)
+    got, stats = gradient(BatchedEngine(task_chunk=4, bf16=True), model, learned, batch, inner)
+    assert got.dtype == torch.float32 and torch.isfinite(stats["loss"])
+    assert 1e-5 < rel(got, expected) < 0.05
