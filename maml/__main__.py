@@ -59,6 +59,12 @@ class CLI:
         seed: int = 0,
         device: str = "cpu",
         engine: str = "auto",
+        task_chunk: int | None = None,
+        memory_budget_mb: float | None = None,
+        compile: bool = False,  # noqa: A002 - the flag is --compile
+        cuda_graphs: bool = False,
+        bf16: bool = False,
+        tf32: bool = False,
         dtype: str = "float32",
         checkpoint: str = "runs/model.pt",
         log_every: int = 50,
@@ -87,7 +93,9 @@ class CLI:
             meta_batch_size=meta_batch_size, iterations=iterations, grad_clip=grad_clip,
             model=model, model_kwargs=_kwargs(model_kwargs), data_root=data_root,
             download=download, split=split, val_chars=val_chars, seed=seed, device=device,
-            engine=engine, dtype=dtype, checkpoint=checkpoint, log_every=log_every,
+            engine=engine, task_chunk=task_chunk, memory_budget_mb=memory_budget_mb,
+            compile=compile, cuda_graphs=cuda_graphs, bf16=bf16, tf32=tf32,
+            dtype=dtype, checkpoint=checkpoint, log_every=log_every,
             val_every=val_every, val_tasks=val_tasks, checkpoint_every=checkpoint_every,
         )
         if minutes is not None and minutes <= 0:
@@ -114,6 +122,7 @@ class CLI:
         seed: int = 1234,
         device: str = "cpu",
         engine: str | None = None,
+        task_chunk: int | None = None,
         batch_size: int = 25,
         json: bool = False,  # noqa: A002 - the flag is --json
         quiet: bool = False,
@@ -145,7 +154,10 @@ class CLI:
         steps = cfg.eval_inner_steps if inner_steps is None else inner_steps
         if steps < 0:
             raise UsageError(f"--inner-steps must be >= 0, got {steps}")
-        chosen = select_engine(engine or cfg.engine)
+        if task_chunk is not None:
+            cfg.task_chunk = task_chunk
+        cfg.cuda_graphs = False  # graph capture is for the training step only
+        chosen = select_engine(engine or cfg.engine, cfg)
         gen = torch.Generator().manual_seed(seed)
         with tqdm(total=tasks, desc="evaluate", disable=quiet or json or not ranks.is_main) as bar:
             result = evaluate(exp.model, exp.inner_lrs, exp.source, cfg.inner_loop(steps), tasks,

@@ -47,6 +47,13 @@ class Config:
     seed: int = 0
     device: str = "cpu"
     engine: str = "auto"
+    # batched engine (maml.engine_select): chunk of tasks (None: sized to the memory budget)
+    task_chunk: int | None = None
+    memory_budget_mb: float | None = None
+    compile: bool = False
+    cuda_graphs: bool = False
+    bf16: bool = False  # opt-in: bfloat16 autocast in the batched step
+    tf32: bool = False  # opt-in: TF32 matmuls and convolutions on CUDA
     dtype: str = "float32"
     checkpoint: str = "runs/model.pt"
     log_every: int = 50

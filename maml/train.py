@@ -40,17 +40,11 @@ class TrainingDiverged(UsageError):
     """The meta-loss became non-finite."""
 
 
-def select_engine(name: str):
-    """The engine module for `--engine` (`auto` picks the fastest available for the device)."""
-    from maml import higher_engine
+def select_engine(name: str, cfg: Config | None = None):
+    """The engine for `--engine` with the run's engine settings (see `maml.engine_select`)."""
+    from maml.engine_select import options_from, select
 
-    if name in ("auto", "higher"):
-        return higher_engine
-    try:
-        from maml import batched_engine
-    except ImportError:
-        raise UsageError("the batched engine is not available in this version; use --engine higher") from None
-    return batched_engine
+    return select(options_from(name, cfg))
 
 
 def paths(ckpt: str | Path) -> dict[str, Path]:
@@ -104,9 +98,10 @@ def train(
     if ranks.world > cfg.meta_batch_size:
         raise UsageError(f"--meta-batch-size {cfg.meta_batch_size} is smaller than the {ranks.world} "
                          f"processes; every process needs at least one task")
-    engine = select_engine(cfg.engine)
+    engine = select_engine(cfg.engine, cfg)
     distributed.broadcast_from_main(list(exp.model.buffers()) + exp.meta_parameters, ranks)
-    opt = torch.optim.Adam(exp.meta_parameters, lr=cfg.meta_lr)
+    fused = True if torch.device(cfg.device).type == "cuda" else None  # one kernel per step
+    opt = torch.optim.Adam(exp.meta_parameters, lr=cfg.meta_lr, fused=fused)
     gen = torch.Generator().manual_seed(cfg.seed)
     start, metrics = 0, {"best_val": None, "best_iteration": None, "last": {}, "seconds": 0.0}
     if state is not None:

@@ -1,0 +1,390 @@
+"""The batched engine: every task of a meta-batch at once, with `torch.func`.
+
+The inner loop is `maml.adaptation.adapt` (the one definition of adaptation), run for all tasks
+together by `torch.func.vmap`, with a `GradFn` built on `torch.func.grad`; the forward is
+`torch.func.functional_call` of the user's module. The meta-gradient is `torch.func.grad` of the
+mean query loss with respect to the weights (and learned step sizes), so one meta-iteration is a
+pure function `step(params, lrs, support, query) -> (gradients, loss, accuracy)` that
+`torch.compile` and CUDA graphs can take whole. The same API as `maml.higher_engine`:
+`meta_gradient` adds to `.grad` and returns the mean loss (and accuracy) as tensors without a host
+sync; `adapt_predict` returns the adapted query outputs.
+
+Exactness: the step runs under `maml.exact_norms.ExactNorms`, because `vmap` of `grad` through
+PyTorch's fused normalisation kernels gives wrong second-order gradients.
+
+Memory: a meta-batch can be run in chunks of `task_chunk` tasks, accumulating the gradient (the
+result is the same meta-gradient). With `task_chunk=None` the chunk is sized on the first batch
+to keep the step's peak memory under `memory_budget_mb` (see `_ChunkSizer`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from maml.adaptation import (
+    GradFn,
+    InnerLoop,
+    Params,
+    adapt,
+    functional_forward,
+    step_size_table,
+    task_loss,
+)
+from maml.exact_norms import ExactNorms
+from maml.tasks import TaskBatch
+
+
+def func_grad(first_order: bool) -> GradFn:
+    """A `GradFn` from `torch.func.grad` (composes with `vmap`); first order cuts the graph."""
+
+    def grad(loss_of: Callable[[Params], Tensor], params: Params) -> Params:
+        grads = torch.func.grad(loss_of)(params)
+        return tuple(g.detach() for g in grads) if first_order else grads
+
+    return grad
+
+
+def _accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
+    return (outputs.argmax(dim=-1) == targets).to(outputs.dtype).mean()
+
+
+def meta_step_fn(model: nn.Module, inner: InnerLoop, learned: bool) -> Callable:
+    """The pure meta-gradient step of one chunk of tasks.
+
+    `step(params, lrs, sx, sy, qx, qy, total) -> (param_grads, lr_grads, loss_sum, acc_sum)`:
+    the gradient of (sum of the chunk's query losses) / `total`, so that chunks of one meta-batch
+    of `total` tasks add up to the gradient of its mean loss. `lr_grads` is None without learned
+    step sizes; `acc_sum` is zero for regression.
+    """
+    forward = functional_forward(model)
+    grad_fn = func_grad(inner.first_order)
+    classify = inner.loss == "cross_entropy"
+
+    def chunk_loss(params: Params, lrs: Tensor | None, sx, sy, qx, qy, total: int):
+        table = step_size_table(
+            inner.steps, len(params), inner.lr, lrs, params[0].dtype, params[0].device
+        )
+
+        def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
+            fast = adapt(forward, params, sx, sy, inner.loss, table, grad_fn)
+            outputs = forward(fast, qx)
+            loss = task_loss(inner.loss, outputs, qy)
+            acc = _accuracy(outputs, qy) if classify else torch.zeros_like(loss)
+            return loss, acc
+
+        with ExactNorms():
+            losses, accs = torch.func.vmap(one_task)(sx, sy, qx, qy)
+        return losses.sum() / total, (losses.detach().sum(), accs.detach().sum())
+
+    argnums = (0, 1) if learned else 0
+    grad_of = torch.func.grad(chunk_loss, argnums=argnums, has_aux=True)
+
+    def step(params: Params, lrs: Tensor | None, sx, sy, qx, qy, total: int):
+        grads, (loss_sum, acc_sum) = grad_of(params, lrs, sx, sy, qx, qy, total)
+        if learned:
+            return grads[0], grads[1], loss_sum, acc_sum
+        return grads, None, loss_sum, acc_sum
+
+    return step
+
+
+def predict_fn(model: nn.Module, inner: InnerLoop) -> Callable:
+    """`predict(params, table, sx, sy, qx) -> (B, Q, ...)`: adapt each task, predict its queries."""
+    forward = functional_forward(model)
+    grad_fn = func_grad(first_order=True)
+
+    def one_task(params: Params, table: Tensor, sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
+        fast = adapt(forward, params, sx, sy, inner.loss, table, grad_fn)
+        return forward(fast, qx)
+
+    batched = torch.func.vmap(one_task, in_dims=(None, None, 0, 0, 0))
+
+    def predict(params: Params, table: Tensor, sx, sy, qx) -> Tensor:
+        with ExactNorms():
+            return batched(params, table, sx, sy, qx)
+
+    return predict
+
+
+def chunk_bounds(total: int, chunk: int) -> list[tuple[int, int]]:
+    """Split `total` tasks into balanced chunks of at most `chunk` (sizes differ by at most 1)."""
+    n = math.ceil(total / max(1, min(chunk, total)))
+    base, extra = divmod(total, n)
+    bounds, start = [], 0
+    for i in range(n):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def _add_grad(p: Tensor, g: Tensor) -> None:
+    if p.grad is None:
+        p.grad = g.detach().clone()
+    else:
+        p.grad.add_(g)
+
+
+class _PeakMemory:
+    """Peak memory of a block: CUDA from the allocator, CPU from the process's peak RSS (Linux)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    @property
+    def available(self) -> bool:
+        if self.device.type == "cuda":
+            return True
+        try:  # the peak-RSS reset needs Linux and a writable /proc/self/clear_refs
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def _rss_kb(self, key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1])
+        raise RuntimeError(f"{key} not in /proc/self/status")
+
+    def measure(self, run: Callable[[], None]) -> int:
+        """Bytes the block adds at its peak over what was resident when it started.
+
+        On CPU, freed memory the C allocator kept would be reused unseen, so it is handed back
+        to the system first (`malloc_trim`); the estimate stays approximate (see `_size_chunks`).
+        """
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            run()
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - base
+        _malloc_trim()
+        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
+            f.write("5")
+        base = self._rss_kb("VmRSS:")
+        run()
+        return (self._rss_kb("VmHWM:") - base) * 1024
+
+    def resident(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        _malloc_trim()
+        return self._rss_kb("VmRSS:") * 1024
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: measure without it
+        pass
+
+
+def default_budget_mb(device: torch.device) -> float | None:
+    """CUDA: 80% of the card's memory. CPU: a quarter of the memory available (Linux), or None.
+
+    A whole meta-batch under vmap can need tens of GB on CPU (5 second-order steps of the
+    64-filter conv net on 32 tasks), so even CPU runs are chunked by default.
+    """
+    if device.type == "cuda":
+        return 0.8 * torch.cuda.get_device_properties(device).total_memory / 2**20
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) for line in f}
+        return 0.25 * (info["MemAvailable"] + _PeakMemory(device)._rss_kb("VmRSS:")) / 2**10
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+@dataclass
+class BatchedEngine:
+    """The batched engine with its options; `meta_gradient` / `adapt_predict` as in the API.
+
+    - `task_chunk`: tasks per chunk; None sizes it on the first batch from `memory_budget_mb`
+      (default: 80% of the GPU, no chunking on CPU).
+    - `compile`: run the step under `torch.compile` (one compilation per chunk shape).
+    - `cuda_graphs`: capture the step in a CUDA graph per chunk shape and replay it (CUDA only).
+    - `bf16`: bfloat16 autocast inside the step (opt-in; changes the numerics).
+    """
+
+    task_chunk: int | None = None
+    memory_budget_mb: float | None = None
+    compile: bool = False
+    cuda_graphs: bool = False
+    bf16: bool = False
+    chosen_chunk: int | None = None
+    _steps: dict = field(default_factory=dict, repr=False)
+    _predicts: dict = field(default_factory=dict, repr=False)
+
+    def _step(
+        self, model: nn.Module, inner: InnerLoop, learned: bool, shapes: tuple, plain: bool
+    ) -> Callable:
+        """The step for these chunk shapes; `plain` skips compilation and graph capture."""
+        key = (id(model), inner, learned, shapes if self.cuda_graphs else None, plain)
+        if key not in self._steps:
+            step = meta_step_fn(model, inner, learned)
+            if self.bf16:
+                step = _autocast(step, next(model.parameters()).device)
+            if self.compile and not plain:
+                step = torch.compile(step, dynamic=False)
+            if self.cuda_graphs and not plain:
+                step = _CudaGraphStep(step)
+            self._steps[key] = step
+        return self._steps[key]
+
+    def _run_chunk(
+        self, model, learned_lrs, batch: TaskBatch, inner, start, stop, total, acc, plain=False
+    ):
+        params = tuple(model.parameters())
+        tensors = tuple(t[start:stop] for t in batch.tensors())
+        step = self._step(model, inner, learned_lrs is not None,
+                          tuple(tuple(t.shape) for t in tensors), plain)
+        # Detached inputs: torch.func.grad gives the gradients; an outer autograd graph around
+        # the step would only hold memory.
+        lrs = None if learned_lrs is None else learned_lrs.detach()
+        grads, lr_grad, loss_sum, acc_sum = step(
+            tuple(p.detach() for p in params), lrs, *tensors, total
+        )
+        for p, g in zip(params, grads, strict=True):
+            _add_grad(p, g)
+        if lr_grad is not None:
+            _add_grad(learned_lrs, lr_grad)
+        acc.append((loss_sum, acc_sum))
+
+    def _size_chunks(self, model, learned_lrs, batch, inner, sums) -> int:
+        """Pick the chunk on the first batch: run 1 task, then 2, fit memory = a + b * tasks.
+
+        The probe chunks are real work: they are the first three tasks of this meta-gradient
+        (run eagerly, so no compilation or graph capture is spent on probe shapes). Returns how
+        many tasks of `batch` the probe already covered.
+        """
+        total = len(batch)
+        device = next(model.parameters()).device
+        budget = self.memory_budget_mb or default_budget_mb(device)
+        meter = _PeakMemory(device)
+        if budget is None or total < 3 or not meter.available:
+            self.chosen_chunk = total
+            return 0
+        one = meter.measure(lambda: self._run_chunk(model, learned_lrs, batch, inner, 0, 1,
+                                                    total, sums, plain=True))
+        two = meter.measure(lambda: self._run_chunk(model, learned_lrs, batch, inner, 1, 3,
+                                                    total, sums, plain=True))
+        # Conservative: no fixed cost, and the largest per-task figure the two readings allow
+        # (a reading can come out low when memory is reused unseen; a too-small chunk only
+        # costs speed, a too-large one can exhaust the machine).
+        per_task = max(one, two / 2, two - one, 1)
+        room = budget * 2**20 - meter.resident()
+        self.chosen_chunk = int(min(total, max(1, room // per_task)))
+        return 3
+
+    def meta_gradient(
+        self, model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop
+    ) -> dict[str, Tensor]:
+        """Add the meta-gradient of `batch` to `.grad`; return the mean loss (and accuracy)."""
+        total = len(batch)
+        sums: list[tuple[Tensor, Tensor]] = []
+        start = 0
+        if self.task_chunk is not None:
+            self.chosen_chunk = min(self.task_chunk, total)
+        elif self.chosen_chunk is None:
+            start = self._size_chunks(model, learned_lrs, batch, inner, sums)
+        if start < total:
+            for a, b in chunk_bounds(total - start, self.chosen_chunk):
+                self._run_chunk(model, learned_lrs, batch, inner, start + a, start + b, total,
+                                sums)
+        stats = {"loss": torch.stack([s[0] for s in sums]).sum() / total}
+        if inner.loss == "cross_entropy":
+            stats["accuracy"] = torch.stack([s[1] for s in sums]).sum() / total
+        return stats
+
+    def adapt_predict(
+        self, model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop
+    ) -> Tensor:
+        """Adapt to every task of `batch` (no meta-graph); return query outputs `(B, Q, ...)`."""
+        params = tuple(p.detach() for p in model.parameters())
+        lrs = None if learned_lrs is None else learned_lrs.detach()
+        table = step_size_table(
+            inner.steps, len(params), inner.lr, lrs, params[0].dtype, params[0].device
+        )
+        key = (id(model), inner)
+        if key not in self._predicts:
+            self._predicts[key] = predict_fn(model, inner)
+        predict = self._predicts[key]
+        chunk = self.task_chunk or self.chosen_chunk or len(batch)
+        outputs = []
+        with torch.no_grad():
+            for a, b in chunk_bounds(len(batch), chunk):
+                sx, sy, qx, _ = (t[a:b] for t in batch.tensors())
+                outputs.append(predict(params, table, sx, sy, qx))
+        return torch.cat(outputs).detach()
+
+
+def _autocast(step: Callable, device: torch.device) -> Callable:
+    def run(*args):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return step(*args)
+
+    return run
+
+
+class _CudaGraphStep:
+    """A step captured once in a CUDA graph (per chunk shape) and replayed on copied inputs.
+
+    Safe because the step is a pure function of fixed-shape device tensors with no host sync;
+    the outputs live in the graph's memory and are cloned before they are handed out.
+    """
+
+    def __init__(self, step: Callable) -> None:
+        self.step, self.graph = step, None
+
+    def __call__(self, params, lrs, sx, sy, qx, qy, total):
+        inputs = (*params, *([] if lrs is None else [lrs]), sx, sy, qx, qy)
+        if self.graph is None:
+            self._capture(len(params), lrs is not None, inputs, total)
+        for static, value in zip(self.static_in, inputs, strict=True):
+            static.copy_(value)
+        self.graph.replay()
+        grads, lr_grad, loss_sum, acc_sum = self.static_out
+        return (tuple(g.clone() for g in grads), None if lr_grad is None else lr_grad.clone(),
+                loss_sum.clone(), acc_sum.clone())
+
+    def _capture(self, n_params: int, learned: bool, inputs, total: int) -> None:
+        self.static_in = [t.detach().clone() for t in inputs]
+
+        def run():
+            params = tuple(self.static_in[:n_params])
+            lrs = self.static_in[n_params] if learned else None
+            return self.step(params, lrs, *self.static_in[-4:], total)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up: lazy initialisation and compilation happen here
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = run()
+
+
+def meta_gradient(
+    model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop
+) -> dict[str, Tensor]:
+    """The engine API with default options: the whole meta-batch at once, no compilation."""
+    return BatchedEngine(task_chunk=len(batch)).meta_gradient(model, learned_lrs, batch, inner)
+
+
+def adapt_predict(
+    model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop
+) -> Tensor:
+    """The engine API with default options: every task at once."""
+    return BatchedEngine(task_chunk=len(batch)).adapt_predict(model, learned_lrs, batch, inner)

@@ -1,0 +1,238 @@
+"""Which engine runs a model: `--engine {auto,higher,batched}`, decided on the first batch.
+
+The batched engine cannot run every model: `vmap` refuses data-dependent Python control flow,
+`.item()`, in-place mutation of buffers and random operations, and an operation with a wrong
+batching rule would silently give a wrong meta-gradient. So before the first real step, a float64
+copy of the model takes the meta-gradient (or, for evaluation, the adapted predictions) of the
+first tasks with both engines, and the two must agree to 1e-8. A problem found is named: with
+`batched` it is a `UsageError`, with `auto` one warning line and the `higher` engine.
+
+`auto` then picks the faster engine for the device: on CUDA the batched engine; on CPU, where
+`vmap` of conv nets is often slower than the loop, the faster of the two on a timed copy of the
+first tasks, the batched engine only when it wins by a clear margin (so auto is never slower
+than the loop and a close call cannot flip between runs; the choice is printed once, and for
+guaranteed bit-identical reruns name the engine).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from maml import higher_engine
+from maml.adaptation import InnerLoop
+from maml.batched_engine import BatchedEngine
+from maml.errors import UsageError
+from maml.tasks import TaskBatch
+
+TOLERANCE = 1e-8  # float64 agreement the probe demands; exact engines agree to ~1e-15
+PROBE_TASKS = 2
+TIMED_TASKS = 4
+CPU_MARGIN = 1.5  # on CPU, auto takes the batched engine only when this much faster: a close
+# timing could flip between runs (or ranks, or a resume) and change the weights by rounding
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """The engine settings of a run (see `BatchedEngine` for the batched-only ones)."""
+
+    name: str = "auto"
+    task_chunk: int | None = None
+    memory_budget_mb: float | None = None
+    compile: bool = False
+    cuda_graphs: bool = False
+    bf16: bool = False
+    tf32: bool = False
+
+
+def _problem_name(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    low = str(exc).lower()
+    if "data-dependent" in low or "item()" in low or ".item" in low:
+        return "its forward uses data-dependent Python control flow or .item() " \
+               f"(vmap cannot batch it: {text[:160]})"
+    if "randomness" in low or "random operation" in low:
+        return f"its forward uses random operations such as dropout ({text[:160]})"
+    if "inplace" in low or "in-place" in low or "in place" in low:
+        return "its forward mutates a tensor in place, e.g. a buffer " \
+               f"(vmap cannot share it across tasks: {text[:160]})"
+    if "batching rule" in low:
+        return f"an operation in its forward has no vmap batching rule ({text[:160]})"
+    return f"running it under vmap fails with {type(exc).__name__}: {text[:200]}"
+
+
+def _flat_grads(model: nn.Module, lrs: Tensor | None) -> Tensor:
+    tensors = list(model.parameters()) + ([] if lrs is None else [lrs])
+    return torch.cat([
+        (t.grad if t.grad is not None else torch.zeros_like(t)).flatten() for t in tensors
+    ])
+
+
+def _copy64(model: nn.Module, lrs: Tensor | None) -> tuple[nn.Module, Tensor | None]:
+    twin = copy.deepcopy(model).double()
+    for p in twin.parameters():
+        p.grad = None
+    twin_lrs = None if lrs is None else nn.Parameter(lrs.detach().double().clone())
+    return twin, twin_lrs
+
+
+def batched_problem(
+    model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop,
+    purpose: str = "train",
+) -> str | None:
+    """Why the batched engine cannot run `model` on `batch` (None if it can, exactly).
+
+    `purpose` "train" compares meta-gradients, "eval" the adapted query predictions.
+    """
+    probe = batch.chunk(0, min(PROBE_TASKS, len(batch)))
+    probe = probe.to(probe.support_x.device, torch.float64)
+    with torch.random.fork_rng(devices=[]):
+        twin, lrs = _copy64(model, learned_lrs)
+        if purpose == "train":
+            higher_engine.meta_gradient(twin, lrs, probe, inner)
+            expected = _flat_grads(twin, lrs)
+            twin, lrs = _copy64(model, learned_lrs)
+        else:
+            expected = higher_engine.adapt_predict(twin, lrs, probe, inner).flatten()
+        try:
+            engine = BatchedEngine(task_chunk=len(probe))
+            if purpose == "train":
+                engine.meta_gradient(twin, lrs, probe, inner)
+                got = _flat_grads(twin, lrs)
+            else:
+                got = engine.adapt_predict(twin, lrs, probe, inner).flatten()
+        except Exception as exc:  # any failure under vmap is a property of the model
+            return _problem_name(exc)
+    rel = ((got - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+    if not rel <= TOLERANCE:
+        what = "meta-gradient" if purpose == "train" else "adapted predictions"
+        return (f"its {what} under vmap differs from the higher engine's by {rel:.1e} "
+                f"(relative, float64) on the first batch")
+    return None
+
+
+def faster_on_cpu(
+    model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop,
+    batched: BatchedEngine, purpose: str = "train",
+) -> tuple[str, float]:
+    """Time both engines on a copy of the first tasks; return the choice and batched's speed-up.
+
+    The batched engine must win by `CPU_MARGIN`, so that the choice is stable from run to run
+    (the loop is the default when the two are close).
+
+    Each engine first runs one task untimed (lazy set-up, compilation), then the first
+    `TIMED_TASKS` tasks timed.
+    """
+    twin = copy.deepcopy(model)
+    lrs = None if learned_lrs is None else nn.Parameter(learned_lrs.detach().clone())
+    sample = batch.chunk(0, min(TIMED_TASKS, len(batch)))
+
+    def seconds(engine) -> float:
+        run = engine.meta_gradient if purpose == "train" else engine.adapt_predict
+        run(twin, lrs, batch.chunk(0, 1), inner)
+        start = time.perf_counter()
+        run(twin, lrs, sample, inner)
+        return time.perf_counter() - start
+
+    with torch.random.fork_rng(devices=[]):
+        loop = seconds(higher_engine)
+        vmapped = seconds(BatchedEngine(task_chunk=batched.task_chunk or len(sample),
+                                        compile=batched.compile))
+    speedup = loop / vmapped
+    return ("batched" if speedup > CPU_MARGIN else "higher"), speedup
+
+
+class SelectedEngine:
+    """The engine API, deciding on its first call which engine runs (see the module docstring)."""
+
+    def __init__(self, options: EngineOptions, warn: Callable[[str], None] | None = None) -> None:
+        self.options = options
+        self.batched = BatchedEngine(
+            task_chunk=options.task_chunk, memory_budget_mb=options.memory_budget_mb,
+            compile=options.compile, cuda_graphs=options.cuda_graphs, bf16=options.bf16,
+        )
+        self.warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.chosen: dict[str, object] = {}
+
+    @property
+    def name(self) -> str | None:
+        """The engine the training step runs ("higher" or "batched"), once decided."""
+        engine = self.chosen.get("train")
+        return None if engine is None else ("higher" if engine is higher_engine else "batched")
+
+    def _decide(self, model, learned_lrs, batch, inner, purpose: str):
+        if self.options.name == "higher":
+            return higher_engine
+        problem = batched_problem(model, learned_lrs, batch, inner, purpose)
+        if problem is not None:
+            if self.options.name == "batched":
+                raise UsageError(f"--engine batched cannot run this model: {problem}; "
+                                 "use --engine higher (or auto)")
+            if not any(e is higher_engine for e in self.chosen.values()):
+                self.warn(f"warning: the batched engine cannot run this model ({problem}); "
+                          "using the higher engine")
+            return higher_engine
+        device = next(model.parameters()).device
+        if self.options.name == "auto" and device.type == "cpu":
+            name, speedup = faster_on_cpu(model, learned_lrs, batch, inner, self.batched, purpose)
+            if purpose == "train":
+                self.warn(f"engine auto: {name} (batched ran at {speedup:.2f}x the loop's speed on a "
+                          f"timed sample of the first batch on this CPU; it needs {CPU_MARGIN}x)")
+            return higher_engine if name == "higher" else self.batched
+        return self.batched
+
+    def _engine(self, purpose, model, learned_lrs, batch, inner):
+        if purpose not in self.chosen:
+            self.chosen[purpose] = self._decide(model, learned_lrs, batch, inner, purpose)
+        return self.chosen[purpose]
+
+    def meta_gradient(
+        self, model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop
+    ) -> dict[str, Tensor]:
+        engine = self._engine("train", model, learned_lrs, batch, inner)
+        return engine.meta_gradient(model, learned_lrs, batch, inner)
+
+    def adapt_predict(
+        self, model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop
+    ) -> Tensor:
+        engine = self._engine("eval", model, learned_lrs, batch, inner)
+        return engine.adapt_predict(model, learned_lrs, batch, inner)
+
+
+def select(options: EngineOptions) -> SelectedEngine:
+    """The engine for a run; applies the global TF32 opt-in now (it affects both engines)."""
+    if options.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return SelectedEngine(options)
+
+
+def options_from(name: str, cfg=None) -> EngineOptions:
+    """`EngineOptions` from `--engine` and a run's `Config` (its batched-engine settings)."""
+    from maml.config import ENGINES
+
+    if name not in ENGINES:
+        raise UsageError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
+    if cfg is None:
+        return EngineOptions(name=name)
+    chunk, budget = getattr(cfg, "task_chunk", None), getattr(cfg, "memory_budget_mb", None)
+    chunk = None if chunk == "auto" else chunk  # `--task-chunk auto`: sized to the budget
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise UsageError(f"--task-chunk must be a whole number >= 1 or auto, got {chunk!r}")
+    if budget is not None and not budget > 0:
+        raise UsageError(f"--memory-budget-mb must be > 0, got {budget!r}")
+    cuda = str(getattr(cfg, "device", "cpu")).startswith("cuda")
+    if getattr(cfg, "cuda_graphs", False) and not cuda:
+        raise UsageError("--cuda-graphs needs --device cuda")
+    return EngineOptions(
+        name=name, task_chunk=chunk, memory_budget_mb=budget,
+        compile=bool(getattr(cfg, "compile", False)),
+        cuda_graphs=bool(getattr(cfg, "cuda_graphs", False)),
+        bf16=bool(getattr(cfg, "bf16", False)), tf32=bool(getattr(cfg, "tf32", False)),
+    )
