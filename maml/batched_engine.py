@@ -190,19 +190,17 @@ def _malloc_trim() -> None:
 
 
 def default_budget_mb(device: torch.device) -> float | None:
-    """CUDA: 80% of the card's memory. CPU: a quarter of the memory available (Linux), or None.
+    """CUDA: 80% of the card's memory. CPU: None (no chunking unless `--memory-budget-mb`).
 
-    A whole meta-batch under vmap can need tens of GB on CPU (5 second-order steps of the
-    64-filter conv net on 32 tasks), so even CPU runs are chunked by default.
+    On CPU the only meter is the process's peak RSS, which is too noisy to decide a chunk size
+    the same way twice; chunking changes the summation order, so an automatic CPU chunk would
+    break "same seed, same weights" and exact resume. A whole meta-batch under vmap can need
+    tens of GB on CPU for conv nets (which `auto` runs with the loop there): set a budget or
+    `--task-chunk` when forcing `--engine batched` on them.
     """
     if device.type == "cuda":
         return 0.8 * torch.cuda.get_device_properties(device).total_memory / 2**20
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) for line in f}
-        return 0.25 * (info["MemAvailable"] + _PeakMemory(device)._rss_kb("VmRSS:")) / 2**10
-    except (OSError, KeyError, ValueError):
-        return None
+    return None
 
 
 @dataclass
@@ -210,7 +208,7 @@ class BatchedEngine:
     """The batched engine with its options; `meta_gradient` / `adapt_predict` as in the API.
 
     - `task_chunk`: tasks per chunk; None sizes it on the first batch from `memory_budget_mb`
-      (default: 80% of the GPU, no chunking on CPU).
+      (default: 80% of the GPU; on CPU no chunking unless a budget is given).
     - `compile`: run the step under `torch.compile` (one compilation per chunk shape).
     - `cuda_graphs`: capture the step in a CUDA graph per chunk shape and replay it (CUDA only).
     - `bf16`: bfloat16 autocast inside the step (opt-in; changes the numerics).
@@ -260,12 +258,12 @@ class BatchedEngine:
             _add_grad(learned_lrs, lr_grad)
         acc.append((loss_sum, acc_sum))
 
-    def _size_chunks(self, model, learned_lrs, batch, inner, sums) -> int:
+    def _size_chunks(self, model, learned_lrs, batch, inner) -> None:
         """Pick the chunk on the first batch: run 1 task, then 2, fit memory = a + b * tasks.
 
-        The probe chunks are real work: they are the first three tasks of this meta-gradient
-        (run eagerly, so no compilation or graph capture is spent on probe shapes). Returns how
-        many tasks of `batch` the probe already covered.
+        The probe's gradients are thrown away (the `.grad` held before is restored), so the
+        meta-gradient is always summed in the same chunks, on the first batch as on every other,
+        and a resumed run repeats the straight run exactly.
         """
         total = len(batch)
         device = next(model.parameters()).device
@@ -273,18 +271,24 @@ class BatchedEngine:
         meter = _PeakMemory(device)
         if budget is None or total < 3 or not meter.available:
             self.chosen_chunk = total
-            return 0
+            return
+        tensors = list(model.parameters()) + ([] if learned_lrs is None else [learned_lrs])
+        held = [t.grad for t in tensors]
+        for t in tensors:
+            t.grad = None
+        scratch: list = []
         one = meter.measure(lambda: self._run_chunk(model, learned_lrs, batch, inner, 0, 1,
-                                                    total, sums, plain=True))
+                                                    total, scratch, plain=True))
         two = meter.measure(lambda: self._run_chunk(model, learned_lrs, batch, inner, 1, 3,
-                                                    total, sums, plain=True))
+                                                    total, scratch, plain=True))
+        for t, g in zip(tensors, held, strict=True):
+            t.grad = g
         # Conservative: no fixed cost, and the largest per-task figure the two readings allow
         # (a reading can come out low when memory is reused unseen; a too-small chunk only
         # costs speed, a too-large one can exhaust the machine).
         per_task = max(one, two / 2, two - one, 1)
         room = budget * 2**20 - meter.resident()
         self.chosen_chunk = int(min(total, max(1, room // per_task)))
-        return 3
 
     def meta_gradient(
         self, model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop
@@ -292,15 +296,12 @@ class BatchedEngine:
         """Add the meta-gradient of `batch` to `.grad`; return the mean loss (and accuracy)."""
         total = len(batch)
         sums: list[tuple[Tensor, Tensor]] = []
-        start = 0
         if self.task_chunk is not None:
             self.chosen_chunk = min(self.task_chunk, total)
         elif self.chosen_chunk is None:
-            start = self._size_chunks(model, learned_lrs, batch, inner, sums)
-        if start < total:
-            for a, b in chunk_bounds(total - start, self.chosen_chunk):
-                self._run_chunk(model, learned_lrs, batch, inner, start + a, start + b, total,
-                                sums)
+            self._size_chunks(model, learned_lrs, batch, inner)
+        for a, b in chunk_bounds(total, self.chosen_chunk):
+            self._run_chunk(model, learned_lrs, batch, inner, a, b, total, sums)
         stats = {"loss": torch.stack([s[0] for s in sums]).sum() / total}
         if inner.loss == "cross_entropy":
             stats["accuracy"] = torch.stack([s[1] for s in sums]).sum() / total

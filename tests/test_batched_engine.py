@@ -285,17 +285,18 @@ def test_auto_falls_back_to_higher_once_and_batched_refuses():
         batched.meta_gradient(model, None, batch, inner)
 
 
-def test_auto_on_cpu_announces_its_timed_choice_once_and_keeps_the_meta_gradient():
-    model, learned, batch = setup("mlp", 2, True)
-    inner = InnerLoop("mse", 2, 0.05)
-    lines = []
-    auto = SelectedEngine(EngineOptions(name="auto"), warn=lines.append)
-    expected, _ = gradient(higher_engine, model, learned, batch, inner)
-    for _ in range(2):
-        got, _ = gradient(auto, model, learned, batch, inner)
-        assert rel(got, expected) <= TOL
-    assert auto.name in ("higher", "batched")
-    assert len(lines) == 1 and lines[0].startswith(f"engine auto: {auto.name} (")
+def test_auto_on_cpu_picks_by_model_structure_and_keeps_the_meta_gradient():
+    for name, expected_engine in (("mlp", "batched"), ("cnn", "higher")):
+        model, learned, batch = setup(name, 2, True)
+        inner = InnerLoop("mse" if name == "mlp" else "cross_entropy", 2, 0.05)
+        lines = []
+        auto = SelectedEngine(EngineOptions(name="auto"), warn=lines.append)
+        expected, _ = gradient(higher_engine, model, learned, batch, inner)
+        for _ in range(2):
+            got, _ = gradient(auto, model, learned, batch, inner)
+            assert rel(got, expected) <= TOL
+        assert auto.name == expected_engine
+        assert len(lines) == (1 if expected_engine == "higher" else 0)
 
 
 def test_named_engines_run_what_they_name():

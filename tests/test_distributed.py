@@ -24,8 +24,10 @@ from maml.train import paths, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # 5 tasks over 2 ranks: unequal shares (3 + 2), so the gradient weighting is exercised
+# the higher engine by name: these tests are about distribution, and the fault hooks of
+# dist_worker.py replace higher_engine.meta_gradient
 COMMON = ["--meta-batch-size", "5", "--log-every", "2", "--val-every", "4", "--val-tasks", "7",
-          "--checkpoint-every", "4", "--learn-inner-lr", "--quiet"]
+          "--checkpoint-every", "4", "--learn-inner-lr", "--engine", "higher", "--quiet"]
 
 
 def free_port() -> int:
@@ -147,7 +149,8 @@ def test_a_lost_rank_stops_the_others_with_one_line(tmp_path, fault):
     port = str(free_port())
     args = ["train", "--iterations", "6", "--meta-batch-size", "2", "--log-every", "1",
             "--checkpoint-every", "1", "--val-every", "100", "--val-tasks", "2",
-            "--checkpoint", str(tmp_path / "run.pt"), "--dist-timeout", "3", "--quiet"]
+            "--checkpoint", str(tmp_path / "run.pt"), "--dist-timeout", "3", "--engine", "higher",
+            "--quiet"]
     procs = []
     for rank, role in enumerate(["none", fault]):
         env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
