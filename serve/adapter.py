@@ -52,7 +52,8 @@ class Task:
 
         Batch norm normalises with the statistics of this query batch (see the module docstring).
         """
-        return self.adapter.backend.predict(self._params, self.adapter._query(query_x))
+        x = self.adapter._query(query_x)  # checked before the backend is touched
+        return self.adapter.backend.predict(self._params, x)
 
 
 class Adapter:

@@ -49,9 +49,9 @@ def test_valid_support_is_cast_to_the_graph_dtypes():
         (np.full((3, 1, 4, 4), 1e39), [0, 1, 2], r"non-finite"),  # finite in float64 only
         ([[[["a"] * 4] * 4]] * 3, [0, 1, 2], r"must hold real numbers"),
         ([images(1)[0].tolist(), [[1.0]]], [0, 1], r"not a rectangular array|ragged"),
-        (np.ones((3, 1, 4, 4), dtype=bool), [0, 1, 2], r"real numbers, got bool"),
+        (np.ones((3, 1, 4, 4), dtype=bool), [0, 1, 2], r"real numbers, got boolean"),
         (3.0, [0], r"must be an array"),
-        (images(3), [True, False, True], r"real numbers, got bool"),
+        (images(3), [True, False, True], r"integer class indices 0..2, got boolean"),
     ],
 )
 def test_bad_support_sets_get_one_clear_message(x, y, message):
