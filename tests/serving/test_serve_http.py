@@ -224,3 +224,18 @@ def test_load_test_script_reports_no_errors(sine, tmp_path):
                               "http://192.0.2.1:8000"], cwd=ROOT, capture_output=True,
                              text=True, timeout=60)
     assert refused.returncode != 0 and "not a loopback address" in refused.stderr
+
+
+def test_listening_socket_disables_nagle():
+    """asyncio sets TCP_NODELAY on accepted sockets only when the listener says proto=TCP;
+    without it each keep-alive answer waited ~40 ms for the client's delayed ACK."""
+    import socket
+
+    from serve.__main__ import listen
+
+    sock = listen("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        sock.close()
