@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from maml.errors import UsageError
-from maml.images import box_resize
+from maml.images import preprocess_grayscale
 
 MAX_PIXELS = 4096 * 4096
 FORMATS = ("PNG", "JPEG")
@@ -101,6 +101,7 @@ def images_to_inputs(
     ink, paper = float(preprocessing.get("ink", 1.0)), float(preprocessing.get("background", 0.0))
     out = np.empty((len(sources), 1, size, size), dtype=np.float32)
     for i, source in enumerate(sources):
-        darkness = 1.0 - grayscale_pixels(_read(source, i), i).astype(np.float32) / 255.0
-        out[i, 0] = paper + (ink - paper) * box_resize(darkness, size)
+        darkness = preprocess_grayscale(grayscale_pixels(_read(source, i), i), size,
+                                        ink_is_dark=True)  # in [0, 1], 1 where the ink is
+        out[i, 0] = paper + (ink - paper) * darkness
     return out
