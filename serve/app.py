@@ -140,6 +140,8 @@ def parse_json(data: bytes, fields: tuple[str, ...]) -> dict[str, Any]:
         body = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ApiError(400, "the body's JSON is nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(422, f"the body must be a JSON object with {', '.join(fields)}")
     missing = [f for f in fields if f not in body]

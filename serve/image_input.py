@@ -65,7 +65,7 @@ def _read(source: ImageSource, index: int) -> bytes:
 
 def grayscale_pixels(data: bytes, index: int = 0) -> np.ndarray:
     """Decode PNG / JPEG bytes to a square uint8 grayscale array, paper = 255."""
-    from PIL import Image, UnidentifiedImageError  # Pillow only when images are sent
+    from PIL import Image  # Pillow only when images are sent
 
     try:
         with Image.open(io.BytesIO(data), formats=FORMATS) as image:
@@ -80,8 +80,9 @@ def grayscale_pixels(data: bytes, index: int = 0) -> np.ndarray:
             gray = np.asarray(image.convert("L"), dtype=np.uint8)
     except UsageError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise UsageError(f"image {index} is not a readable PNG or JPEG ({exc})") from None
+    except Exception as exc:  # Pillow raises many types (SyntaxError, EOFError, ...) on bad data
+        reason = str(exc) or type(exc).__name__
+        raise UsageError(f"image {index} is not a readable PNG or JPEG ({reason})") from None
     h, w = gray.shape
     side = max(h, w)
     square = np.full((side, side), 255, dtype=np.uint8)

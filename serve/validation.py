@@ -77,7 +77,7 @@ def _numbers(value: Any, name: str, expected: str = "real numbers") -> np.ndarra
     if array.dtype == np.bool_ or not (
         np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
     ):
-        kinds = {"O": "ragged or mixed", "U": "text", "S": "text", "b": "boolean",
+        kinds = {"O": "ragged, mixed or out-of-range", "U": "text", "S": "text", "b": "boolean",
                  "c": "complex"}
         kind = kinds.get(array.dtype.kind, str(array.dtype))
         raise UsageError(f"{name} must hold {expected}, got {kind} values")

@@ -115,6 +115,7 @@ def test_bad_requests_get_4xx_with_a_json_error(image_service, omniglot):
         (b"{not json", 400, "not valid JSON"),
         (b"\xff\xfe{}", 400, "not valid JSON"),
         (b"", 400, "not valid JSON"),
+        (b"[" * 100_000, 400, "nested too deeply"),
         (nan.encode(), 422, "non-finite"),
         (huge.encode(), 422, "non-finite"),  # 1e999 parses as infinity
         (json.dumps({**task, "query_x": [[[[1e39] * 28] * 28]] * 2}).encode(), 422, "non-finite"),
