@@ -129,6 +129,9 @@ def test_adapter_json_follows_the_contract(exported):
     assert [p["name"] for p in info["parameters"]] == [n for n, _ in params]
     assert [p["shape"] for p in info["parameters"]] == [list(p.shape) for _, p in params]
     assert info["steps"] == steps
+    init = np.load(folder / info["init"])
+    for i, (_, p) in enumerate(params):
+        np.testing.assert_array_equal(init[f"p{i}"], p.detach().numpy())
     assert np.asarray(info["step_sizes"]).shape == (steps, len(params))
     if exp.inner_lrs is not None:  # learned rows, the last one repeated past the learned ones
         learned = exp.inner_lrs.detach().numpy()
