@@ -10,11 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from export import bundle, onnx_format, pt2_format, torchscript_format
 from export.decompositions import onnx_decompositions
-from export.manifest import FORMATS, facts, file_names, manifest, onnx_metadata
+from export.manifest import FORMATS, INIT, facts, file_names, manifest, onnx_metadata
 from export.trace import (
     ENTRY_POINTS,
     Routine,
@@ -121,6 +122,7 @@ def export_checkpoint(
         log(f"exporting {checkpoint_path} ({exp.model_spec}, {inner.steps} steps, "
             f"{'learned step sizes' if learned is not None else f'step size {lr:g}'}) to {out}")
         write_formats(r, task, chosen, folder, onnx_metadata(info), log)
+        np.savez(folder / INIT, **{f"p{i}": p.numpy() for i, p in enumerate(r.init)})
         verification = None
         if check:
             verification = verify(exp, learned, inner, folder, file_names(chosen),
