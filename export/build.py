@@ -1,0 +1,121 @@
+"""The export, start to end: restore the checkpoint, trace, write each format, verify, commit.
+
+`export_checkpoint` is what `python -m export` runs; it returns the adapter.json it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from export import bundle, onnx_format, pt2_format, torchscript_format
+from export.decompositions import onnx_decompositions
+from export.manifest import FORMATS, facts, file_names, manifest, onnx_metadata
+from export.trace import ENTRY_POINTS, Routine, example_inputs, learned_step_sizes, routine, trace
+from export.verify import TOLERANCE, sample_tasks, verify
+from maml import checkpoint
+from maml.adaptation import InnerLoop
+from maml.errors import UsageError
+from maml.experiment import Experiment, restore
+
+Example = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class VerificationFailed(UsageError):
+    """An exported file does not reproduce the training-time inner loop."""
+
+
+def parse_formats(formats: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    names = formats.split(",") if isinstance(formats, str) else list(formats)
+    names = [n.strip() for n in names if n.strip()]
+    unknown = [n for n in names if n not in FORMATS]
+    if unknown or not names:
+        given = ",".join(names) or "(empty)"
+        raise UsageError(f"--formats {given}: choose from {','.join(FORMATS)}")
+    return tuple(f for f in FORMATS if f in names)
+
+
+def example_task(exp: Experiment) -> Example:
+    """One test task to trace with: at least 2 support and 2 query examples, in different
+    numbers (a size of 1 would be specialised while tracing)."""
+    batch = exp.source.sample(1, torch.Generator().manual_seed(0), "test").to("cpu", torch.float32)
+    sx, sy, qx = batch.support_x[0], batch.support_y[0], batch.query_x[0]
+    while sx.shape[0] < 2:
+        sx, sy = torch.cat([sx, sx]), torch.cat([sy, sy])
+    while qx.shape[0] < 2 or qx.shape[0] == sx.shape[0]:
+        qx = torch.cat([qx, qx[:1]])
+    return sx, sy, qx
+
+
+def write_formats(r: Routine, task: Example, formats: tuple[str, ...], folder: Path,
+                  metadata: dict[str, str], log: Callable[[str], None]) -> None:
+    """Trace each entry point and write it in every chosen format to `folder`."""
+    files = file_names(formats)
+    for entry in ENTRY_POINTS:
+        example = example_inputs(r, entry, *task)
+        if "torchscript" in formats or "pt2" in formats:
+            gm = trace(r, entry, example)
+            if "torchscript" in formats:
+                torchscript_format.save(gm, folder / files["torchscript"][entry])
+            if "pt2" in formats:
+                pt2_format.save(gm, example, r.input_names(entry), folder / files["pt2"][entry])
+        if "onnx" in formats:
+            gm = trace(r, entry, example, onnx_decompositions())
+            model = onnx_format.to_onnx(gm, example, r.input_names(entry), r.output_names(entry))
+            onnx_format.save(model, folder / files["onnx"][entry], metadata)
+        log(f"  {entry}: {', '.join(files[f][entry] for f in formats)}")
+
+
+def check_outputs(r: Routine, task: Example, classification: bool, n_way: int | None) -> None:
+    with torch.no_grad():
+        outputs = r.forward(r.init, task[2])
+    if classification and tuple(outputs.shape[1:]) != (n_way,):
+        raise UsageError(f"the model's outputs have shape {tuple(outputs.shape[1:])} per example, "
+                         f"but the tasks are {n_way}-way; its head must have {n_way} outputs")
+
+
+def export_checkpoint(
+    checkpoint_path: str, out: str, steps: int | None = None, inner_lr: float | None = None,
+    formats: str | tuple[str, ...] = FORMATS, check: bool = True, tasks: int = 3, seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Export `checkpoint_path` to the folder `out`; returns the adapter.json written."""
+    chosen = parse_formats(formats)
+    if tasks < 1:
+        raise UsageError(f"--tasks must be >= 1, got {tasks}")
+    if inner_lr is not None and not inner_lr > 0:
+        raise UsageError(f"--inner-lr must be > 0, got {inner_lr}")
+    exp = restore(checkpoint.load(checkpoint_path), checkpoint_path, "cpu")
+    r = routine(exp, steps, inner_lr)
+    task = example_task(exp)
+    classification = exp.cfg.loss == "cross_entropy"
+    n_way = exp.cfg.n_way if classification else None
+    check_outputs(r, task, classification, n_way)
+    learned = learned_step_sizes(exp, inner_lr)
+    lr = exp.cfg.inner_lr if inner_lr is None else inner_lr
+    inner = InnerLoop(exp.cfg.loss, int(r.step_sizes.shape[0]), lr)
+    info = facts(exp, r, inner_lr, n_way, list(task[1].shape[1:]))
+    with bundle.staging(Path(out)) as folder:
+        log(f"exporting {checkpoint_path} ({exp.model_spec}, {inner.steps} steps, "
+            f"{'learned step sizes' if learned is not None else f'step size {lr:g}'}) to {out}")
+        write_formats(r, task, chosen, folder, onnx_metadata(info), log)
+        verification = None
+        if check:
+            verification = verify(exp, learned, inner, folder, file_names(chosen),
+                                  sample_tasks(exp, tasks, seed))
+            diffs = ", ".join(f"{f} {d:.2e}" for f, d in verification["max_abs_diff"].items())
+            log(f"verified on {verification['tasks']} test tasks (support sizes "
+                f"{verification['support_sizes']}): max |difference| to the training-time "
+                f"inner loop: {diffs}")
+            if not verification["passed"]:
+                raise VerificationFailed(
+                    f"verification failed: max |difference| {diffs} (tolerance {TOLERANCE:g}; "
+                    f"argmax equal: {verification['argmax_equal']}); nothing was written")
+        info = manifest(info, chosen, folder, verification)
+        (folder / "adapter.json").write_text(json.dumps(info, indent=2) + "\n")
+    log(f"wrote {out}")
+    return info

@@ -1,0 +1,60 @@
+"""Write an output folder atomically: build it in a hidden temporary folder beside the target,
+then rename. On any failure the temporary folder is removed and the target is left as it was."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from maml.errors import UsageError
+
+MARKER = "adapter.json"
+
+
+def _check_target(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder for the adapter")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise UsageError(f"--out {out} is a non-empty folder without {MARKER}; "
+                         "choose a new or empty folder (an existing adapter is replaced)")
+
+
+@contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder; on success it replaces `out`, on failure it vanishes."""
+    out = Path(out)
+    _check_target(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as exc:
+        raise UsageError(f"cannot write to {out.parent}: {exc.strerror or exc}; "
+                         "choose a writable --out") from None
+    try:
+        yield tmp
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`, moving an existing adapter aside first and deleting it after."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.rmdir(old)
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+

@@ -1,0 +1,100 @@
+"""`adapter.json`: everything a runtime needs to use the exported files without torch.
+
+Written from the restored run and the traced routine; the layout is the adapter contract
+(`maml-toolkit/adapter-v1`, see the README's Export section). A runtime checks its inputs against
+it: `support_x` / `query_x` of shape `(S, *input.shape)`, `support_y` with `S` entries, class
+labels in `[0, n_way)` (see `export.check_inputs`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from export.onnx_format import OPSET
+from export.trace import Routine, learned_step_sizes
+from maml.experiment import Experiment
+
+FORMAT = "maml-toolkit/adapter-v1"
+FORMATS = ("onnx", "torchscript", "pt2")
+SUFFIX = {"onnx": "onnx", "torchscript": "ts", "pt2": "pt2"}
+BATCH_NORM = "batch statistics (support batch in adapt, query batch in predict)"
+
+
+def file_names(formats: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    entries = ("adapt", "predict", "adapt_predict")
+    return {fmt: {entry: f"{entry}.{SUFFIX[fmt]}" for entry in entries} for fmt in formats}
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _maml_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("maml-toolkit")
+    except Exception:
+        return "0.1.0"
+
+
+def facts(
+    exp: Experiment, r: Routine, lr: float | None, n_way: int | None, target_shape: list[int],
+) -> dict[str, Any]:
+    """What the adapter computes and expects, known before any file is written."""
+    cfg, source = exp.cfg, exp.source
+    classification = cfg.loss == "cross_entropy"
+    preprocessing = None
+    if len(source.input_shape) == 3:  # images: how a raw picture becomes a model input
+        from maml.images import PREPROCESSING
+
+        preprocessing = dict(PREPROCESSING)
+    return {
+        "format": FORMAT,
+        "task": "classification" if classification else "regression",
+        "n_way": n_way,
+        "input": {"shape": list(source.input_shape), "dtype": "float32"},
+        "target": ({"shape": [], "dtype": "int64"} if classification
+                   else {"shape": target_shape, "dtype": "float32"}),
+        "loss": cfg.loss,
+        "steps": int(r.step_sizes.shape[0]),
+        "step_sizes": r.step_sizes.tolist(),
+        "step_sizes_source": "learned" if learned_step_sizes(exp, lr) is not None else "constant",
+        "parameters": [{"name": n, "shape": list(p.shape)}
+                       for n, p in zip(r.names, r.init, strict=True)],
+        "batch_norm": BATCH_NORM,
+        "preprocessing": preprocessing,
+        "data": {**source.describe(), "split": "test"},
+        "model": {"spec": exp.model_spec, "kwargs": exp.model_kwargs},
+    }
+
+
+def manifest(info: dict[str, Any], formats: tuple[str, ...], folder: Path,
+             verification: dict[str, Any] | None) -> dict[str, Any]:
+    """The complete adapter.json of the files already written to `folder`."""
+    files = file_names(formats)
+    hashes = {name: sha256(folder / name) for per in files.values() for name in per.values()}
+    return {
+        **info,
+        "files": files,
+        "sha256": hashes,
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "opset": OPSET,
+                     "maml": _maml_version()},
+        "verification": verification,
+    }
+
+
+def onnx_metadata(info: dict[str, Any]) -> dict[str, str]:
+    """The key facts of adapter.json as ONNX metadata_props (strings)."""
+    import json
+
+    return {key: json.dumps(value) for key, value in info.items()}

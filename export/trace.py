@@ -1,0 +1,160 @@
+"""Trace the adaptation routine into plain aten graphs, one per entry point.
+
+The routine is `maml.adaptation.adapt` itself (the code training and `maml eval` run), with the
+gradient taken by `torch.func.grad`. `make_fx` records every aten operator it dispatches, the
+backward operators of each SGD step included, so the graphs need no autograd at run time.
+
+Only the number of support examples `S` and of queries `Q` are symbolic; every other size is
+fixed by the model. The meta-learned init and the step-size table become constants of the graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx import GraphModule
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+from maml.adaptation import Forward, Params, adapt, functional_forward, step_size_table
+from maml.errors import UsageError
+from maml.experiment import Experiment
+
+ENTRY_POINTS = ("adapt", "predict", "adapt_predict")
+
+
+@dataclass(frozen=True)
+class Routine:
+    """What the adapter computes: start from `init`, take one SGD step per row of `step_sizes`."""
+
+    forward: Forward
+    init: Params
+    names: tuple[str, ...]
+    step_sizes: Tensor  # (steps, n_params)
+    loss: str
+
+    def input_names(self, entry: str) -> list[str]:
+        """The positional inputs of `entry`, named as the contract says."""
+        weights = [f"p{i}" for i in range(len(self.init))]
+        return {"adapt": ["support_x", "support_y"], "predict": [*weights, "query_x"],
+                "adapt_predict": ["support_x", "support_y", "query_x"]}[entry]
+
+    def output_names(self, entry: str) -> list[str]:
+        return [f"p{i}" for i in range(len(self.init))] if entry == "adapt" else ["outputs"]
+
+
+def routine(exp: Experiment, steps: int | None = None, lr: float | None = None) -> Routine:
+    """The routine of a restored run, in float32.
+
+    `steps` defaults to the run's evaluation steps. The step sizes are the run's learned ones when
+    it has them, else its `inner_lr`; an explicit `lr` replaces either with a constant table.
+    """
+    cfg = exp.cfg
+    steps = cfg.eval_inner_steps if steps is None else steps
+    if steps < 0:
+        raise UsageError(f"--steps must be >= 0, got {steps}")
+    model = exp.model.float()
+    names = tuple(name for name, _ in model.named_parameters())
+    init = tuple(p.detach().clone() for p in model.parameters())
+    learned = learned_step_sizes(exp, lr)
+    table = step_size_table(steps, len(init), cfg.inner_lr if lr is None else lr, learned,
+                            torch.float32)
+    return Routine(functional_forward(model), init, names, table.clone(), cfg.loss)
+
+
+def learned_step_sizes(exp: Experiment, lr: float | None) -> Tensor | None:
+    """The learned step sizes the routine uses: the run's, unless `lr` overrides them."""
+    if exp.inner_lrs is None or lr is not None:
+        return None
+    return exp.inner_lrs.detach().float()
+
+
+def func_grad(loss_of: Callable[[Params], Tensor], params: Params) -> Params:
+    """A `maml.adaptation.GradFn` from `torch.func.grad` (traceable by `make_fx`)."""
+    return torch.func.grad(loss_of)(params)
+
+
+def entry_functions(r: Routine) -> dict[str, Callable[..., Any]]:
+    """The three entry points as plain functions of their positional tensors."""
+
+    def adapt_(support_x: Tensor, support_y: Tensor) -> Params:
+        return adapt(r.forward, r.init, support_x, support_y, r.loss, r.step_sizes, func_grad)
+
+    def predict(*args: Tensor) -> Tensor:
+        return r.forward(tuple(args[:-1]), args[-1])
+
+    def adapt_predict(support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
+        return r.forward(adapt_(support_x, support_y), query_x)
+
+    return {"adapt": adapt_, "predict": predict, "adapt_predict": adapt_predict}
+
+
+def example_inputs(r: Routine, entry: str, sx: Tensor, sy: Tensor, qx: Tensor) -> tuple:
+    return {"adapt": (sx, sy), "predict": (*r.init, qx), "adapt_predict": (sx, sy, qx)}[entry]
+
+
+def dynamic_inputs(r: Routine, entry: str) -> list[bool]:
+    """Whether each input's first dimension (S or Q) is dynamic: all but the weights."""
+    return [not name.startswith("p") for name in r.input_names(entry)]
+
+
+def _fake(mode: FakeTensorMode, t: Tensor, dynamic: bool) -> Tensor:
+    dims = [DimDynamic.DYNAMIC if dynamic and i == 0 else DimDynamic.STATIC for i in range(t.dim())]
+    return mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+
+
+def trace(
+    r: Routine, entry: str, example: tuple[Tensor, ...],
+    decompositions: Mapping[Any, Callable] | None = None,
+) -> GraphModule:
+    """Trace one entry point with symbolic S / Q into an aten `GraphModule` whose inputs and
+    outputs carry the contract's names."""
+    fn = entry_functions(r)[entry]
+    mode = FakeTensorMode(shape_env=ShapeEnv(duck_shape=False), allow_non_fake_inputs=True)
+    fakes = [_fake(mode, t, d) for t, d in zip(example, dynamic_inputs(r, entry), strict=True)]
+    try:
+        with mode:
+            gm = make_fx(fn, decomposition_table=decompositions, tracing_mode="symbolic",
+                         _allow_non_fake_inputs=True)(*fakes)
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"cannot trace the adaptation routine: {_one_line(exc)}") from None
+    _check_dynamic(gm, mode.shape_env, r, entry)
+    for node, name in zip([n for n in gm.graph.nodes if n.op == "placeholder"],
+                          r.input_names(entry), strict=True):
+        node.name = node.target = name
+    for node in gm.graph.nodes:
+        node.type = None  # Python annotations of the traced functions mean nothing to TorchScript
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _check_dynamic(gm: GraphModule, env: ShapeEnv, r: Routine, entry: str) -> None:
+    """Refuse a graph whose support / query size was fixed by a guard during tracing."""
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, name, dyn in zip(holders, r.input_names(entry), dynamic_inputs(r, entry),
+                               strict=True):
+        size = node.meta["val"].shape[0]
+        fixed = not isinstance(size, torch.SymInt) or not env.replace(size.node.expr).free_symbols
+        if dyn and fixed:
+            raise UsageError(
+                f"the model fixes the number of examples of {name} while tracing; "
+                "the adapter needs a model whose batch size can vary"
+            )
+
+
+def ops(gm: GraphModule) -> set[str]:
+    """The names of the operators a graph calls."""
+    return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

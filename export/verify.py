@@ -1,0 +1,116 @@
+"""Parity: every exported file reproduces the training-time inner loop on sample tasks.
+
+The reference is `maml.higher_engine.adapt_predict` (the engine meta-training and `maml eval`
+use) on the same checkpoint and tasks. Each format is loaded back from disk, as a consumer would
+load it, and run both as `adapt_predict` and as `predict(adapt(...))`. Passing means a max abs
+difference of at most `TOLERANCE` and, for classification, identical argmax on every query.
+The tasks come from the run's test split with two support sizes (the run's shot count and
+another), which also checks that the files accept a varying number of examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from maml.adaptation import InnerLoop
+from maml.experiment import Experiment, make_source
+from maml.tasks import TaskBatch
+
+TOLERANCE = 1e-4
+
+Runner = Callable[[np.ndarray, np.ndarray, np.ndarray], list[np.ndarray]]
+"""`(support_x, support_y, query_x) -> [adapt_predict outputs, predict(adapt) outputs]`."""
+
+
+def sample_tasks(exp: Experiment, per_shot: int, seed: int) -> list[TaskBatch]:
+    """`per_shot` test tasks at the run's shot count and as many at another shot count."""
+    cfg = exp.cfg
+    other = 5 if cfg.k_shot != 5 else 1
+    tasks = []
+    for k, offset in ((cfg.k_shot, 0), (other, 1)):
+        source = exp.source if k == cfg.k_shot else make_source(
+            dataclasses.replace(cfg, k_shot=k), exp.split)[0]
+        batch = source.sample(per_shot, torch.Generator().manual_seed(seed + offset), "test")
+        batch = batch.to("cpu", torch.float32)
+        tasks += [batch.task(i) for i in range(len(batch))]
+    return tasks
+
+
+def reference(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop,
+              task: TaskBatch) -> np.ndarray:
+    """The training-time inner loop's query outputs for one task."""
+    from maml.higher_engine import adapt_predict
+
+    return adapt_predict(exp.model, learned, task, inner)[0].numpy()
+
+
+def onnx_runner(folder: Path, files: dict[str, str]) -> Runner:
+    import onnxruntime as ort
+
+    def session(name: str):
+        return ort.InferenceSession(str(folder / name), providers=["CPUExecutionProvider"])
+
+    adapt, predict, both = (session(files[e]) for e in ("adapt", "predict", "adapt_predict"))
+
+    def run(sx, sy, qx):
+        weights = adapt.run(None, {"support_x": sx, "support_y": sy})
+        feeds = {f"p{i}": w for i, w in enumerate(weights)} | {"query_x": qx}
+        return [both.run(None, {"support_x": sx, "support_y": sy, "query_x": qx})[0],
+                predict.run(None, feeds)[0]]
+
+    return run
+
+
+def torch_runner(load: Callable[[Path], Any], folder: Path, files: dict[str, str]) -> Runner:
+    adapt, predict, both = (load(folder / files[e]) for e in ("adapt", "predict", "adapt_predict"))
+
+    def run(sx, sy, qx):
+        sx, sy, qx = (torch.from_numpy(a) for a in (sx, sy, qx))
+        with torch.no_grad():
+            weights = adapt(sx, sy)
+            return [both(sx, sy, qx).numpy(), predict(*weights, qx).numpy()]
+
+    return run
+
+
+def runners(folder: Path, files: dict[str, dict[str, str]]) -> dict[str, Runner]:
+    """A runner per written format, loading the files from `folder`."""
+    from export import pt2_format, torchscript_format
+
+    made: dict[str, Runner] = {}
+    for fmt, names in files.items():
+        if fmt == "onnx":
+            made[fmt] = onnx_runner(folder, names)
+        elif fmt == "torchscript":
+            made[fmt] = torch_runner(torchscript_format.load, folder, names)
+        elif fmt == "pt2":
+            made[fmt] = torch_runner(pt2_format.load, folder, names)
+    return made
+
+
+def verify(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop, folder: Path,
+           files: dict[str, dict[str, str]], tasks: list[TaskBatch]) -> dict[str, Any]:
+    """Measured differences per format; `passed` says whether all are within the contract."""
+    run = runners(folder, files)
+    worst = {fmt: 0.0 for fmt in run}
+    argmax_ok = {fmt: True for fmt in run}
+    classification = inner.loss == "cross_entropy"
+    for task in tasks:
+        ref = reference(exp, learned, inner, task)
+        sx, sy, qx = (t[0].numpy() for t in (task.support_x, task.support_y, task.query_x))
+        for fmt, runner in run.items():
+            for out in runner(sx, sy, qx):
+                worst[fmt] = max(worst[fmt], float(np.abs(out - ref).max()))
+                if classification and not (out.argmax(-1) == ref.argmax(-1)).all():
+                    argmax_ok[fmt] = False
+    passed = all(d <= TOLERANCE for d in worst.values()) and all(argmax_ok.values())
+    return {"max_abs_diff": worst, "argmax_equal": argmax_ok if classification else None,
+            "tolerance": TOLERANCE, "tasks": len(tasks),
+            "support_sizes": sorted({int(t.support_x.shape[1]) for t in tasks}),
+            "reference": "maml.higher_engine.adapt_predict", "passed": passed}

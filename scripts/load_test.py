@@ -1,0 +1,185 @@
+"""Drive the adapter service from several concurrent clients on loopback, for a bounded time.
+
+    python scripts/load_test.py --adapter runs/adapter            # starts `python -m serve`
+    python scripts/load_test.py --url http://127.0.0.1:8000       # an already running service
+
+Each client loops over one task's life: adapt (POST /v1/tasks), `--predicts` predictions with it,
+one stateless adapt+predict (POST /v1/predict), and DELETE. Random inputs are shaped from
+GET /v1/adapter (N-way K-shot for a classifier). Every answer is checked (status and number of
+predictions); anything else counts as an error. Prints requests/s and p50 / p99 latency per
+operation and the error count, writes them as JSON with `--json-out`, and exits 1 on any error.
+Only loopback addresses are accepted: this is a local measurement, not a load generator for
+other people's machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import numpy as np
+
+OPS = ("adapt", "predict", "stateless", "delete")
+
+
+def loopback_url(url: str) -> str:
+    host = urlparse(url).hostname or ""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror:
+        sys.exit(f"error: cannot resolve {host!r}")
+    if not addresses or not all(ipaddress.ip_address(a).is_loopback for a in addresses):
+        sys.exit(f"error: {url} is not a loopback address; this script only drives local services")
+    return url.rstrip("/")
+
+
+def start_server(adapter: str, backend: str, threads: int) -> tuple[subprocess.Popen, str]:
+    """`python -m serve` on a free loopback port; returns the process and its URL."""
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "serve", "--adapter", adapter, "--backend", backend,
+           "--port", "0", "--threads", str(threads), "--no-access-log", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    line = proc.stdout.readline() if proc.stdout else ""
+    if " at http://" not in line:
+        proc.kill()
+        sys.exit(f"error: the service did not start ({line.strip() or 'no output'})")
+    return proc, line.rsplit(" at ", 1)[1].strip()
+
+
+def make_task(meta: dict, k_shot: int, q_query: int, rng: np.random.Generator) -> dict:
+    """Random support / query sets of the adapter's shapes."""
+    shape = meta["input"]["shape"]
+    if meta["task"] == "classification":
+        n = meta["n_way"]
+        sy = np.repeat(np.arange(n), k_shot)
+        sx, qx = rng.random((n * k_shot, *shape)), rng.random((n * q_query, *shape))
+    else:
+        sx = rng.uniform(-5, 5, (k_shot, *shape))
+        sy = np.sin(sx.reshape(k_shot, -1)[:, :1]).reshape(k_shot, *meta["target"]["shape"])
+        qx = rng.uniform(-5, 5, (q_query, *shape))
+    rnd = lambda a: np.round(a, 4).tolist()  # noqa: E731 - shorter JSON, same shapes
+    return {"support_x": rnd(sx), "support_y": sy.tolist(), "query_x": rnd(qx)}
+
+
+def client(url: str, task: dict, predicts: int, deadline: float,
+           latencies: dict[str, list[float]], errors: list[str], lock: threading.Lock) -> None:
+    support = {"support_x": task["support_x"], "support_y": task["support_y"]}
+    query = {"query_x": task["query_x"]}
+    q = len(task["query_x"])
+    mine: dict[str, list[float]] = defaultdict(list)
+    problems: list[str] = []
+
+    def timed(op: str, method: str, path: str, body: dict | None, status: int) -> dict | None:
+        start = time.perf_counter()
+        try:
+            r = http.request(method, url + path, json=body)
+        except httpx.HTTPError as exc:
+            problems.append(f"{op}: {type(exc).__name__} {exc}")
+            return None
+        mine[op].append(time.perf_counter() - start)
+        if r.status_code != status:
+            problems.append(f"{op}: HTTP {r.status_code} {r.text[:200]}")
+            return None
+        return r.json() if r.content else {}
+
+    with httpx.Client(timeout=60) as http:
+        while time.perf_counter() < deadline:
+            created = timed("adapt", "POST", "/v1/tasks", support, 201)
+            if created is None:
+                continue
+            path = f"/v1/tasks/{created['task_id']}"
+            for _ in range(predicts):
+                out = timed("predict", "POST", path + "/predict", query, 200)
+                if out is not None and len(out["predictions"]) != q:
+                    problems.append("predict: wrong number of predictions")
+            out = timed("stateless", "POST", "/v1/predict", {**support, **query}, 200)
+            if out is not None and len(out["predictions"]) != q:
+                problems.append("stateless: wrong number of predictions")
+            timed("delete", "DELETE", path, None, 204)
+    with lock:
+        for op, values in mine.items():
+            latencies[op] += values
+        errors += problems
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", help="a running service (loopback only)")
+    p.add_argument("--adapter", help="export directory: start `python -m serve` on it")
+    p.add_argument("--backend", default="onnx")
+    p.add_argument("--server-threads", type=int, default=4)
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--duration", type=float, default=10.0, help="seconds")
+    p.add_argument("--k-shot", type=int, default=1)
+    p.add_argument("--q-query", type=int, default=5)
+    p.add_argument("--predicts", type=int, default=3, help="predictions per adapted task")
+    p.add_argument("--json-out", type=Path)
+    args = p.parse_args()
+    if (args.url is None) == (args.adapter is None):
+        p.error("pass exactly one of --url and --adapter")
+    proc = None
+    if args.adapter:
+        proc, url = start_server(args.adapter, args.backend, args.server_threads)
+    else:
+        url = args.url
+    try:
+        url = loopback_url(url)
+        meta = httpx.get(url + "/v1/adapter", timeout=30).json()["metadata"]
+        rng = np.random.default_rng(0)
+        task = make_task(meta, args.k_shot, args.q_query, rng)
+        latencies: dict[str, list[float]] = defaultdict(list)
+        errors: list[str] = []
+        lock = threading.Lock()
+        deadline = time.perf_counter() + args.duration
+        start = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(url, task, args.predicts, deadline,
+                                                         latencies, errors, lock))
+                   for _ in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - start
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+    rows = {}
+    for op in OPS:
+        ms = np.array(latencies.get(op, [])) * 1000
+        rows[op] = {"requests": int(ms.size), "per_s": ms.size / elapsed,
+                    "p50_ms": float(np.percentile(ms, 50)) if ms.size else None,
+                    "p99_ms": float(np.percentile(ms, 99)) if ms.size else None}
+    total = sum(r["requests"] for r in rows.values())
+    print(f"{meta['task']} adapter, {args.clients} clients, {elapsed:.1f} s, support "
+          f"{len(task['support_x'])}, query {len(task['query_x'])}")
+    print(f"{'operation':<10} {'requests':>9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    for op, r in rows.items():
+        p50 = f"{r['p50_ms']:8.1f}" if r["p50_ms"] is not None else f"{'-':>8}"
+        p99 = f"{r['p99_ms']:8.1f}" if r["p99_ms"] is not None else f"{'-':>8}"
+        print(f"{op:<10} {r['requests']:>9} {r['per_s']:>8.1f} {p50} {p99}")
+    print(f"{'all':<10} {total:>9} {total / elapsed:>8.1f}")
+    print(f"errors: {len(errors)}" + (f" (first: {errors[0]})" if errors else ""))
+    if args.json_out:
+        args.json_out.write_text(json.dumps({
+            "task": meta["task"], "clients": args.clients, "seconds": elapsed,
+            "support": len(task["support_x"]), "query": len(task["query_x"]),
+            "operations": rows, "requests_per_s": total / elapsed, "errors": len(errors),
+            "first_errors": errors[:5]}, indent=2))
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""An exported adapter as a Python object: adapt to a support set, then predict queries.
+
+    adapter = serve.load("runs/adapter")                 # onnxruntime, numpy in and out
+    task = adapter.adapt(support_x, support_y)           # fine-tuned weights, computed once
+    outputs = task.predict(query_x)                      # logits (Q, n_way) or values (Q, ...)
+
+Inputs are numpy arrays or nested lists; for an image adapter also lists of PNG / JPEG files or
+bytes, preprocessed as its `adapter.json` records. Every input is checked (`serve.validation`)
+before any computation, and every problem is a one-line `maml.errors.UsageError`.
+
+Batch norm uses the statistics of the batch it is given, as in training: the support set while
+adapting and the query set while predicting. So a model with batch norm gives outputs for a query
+that depend on the other queries sent with it: predict a whole query set at once, as in training
+(predicting one example at a time normalises it with its own statistics).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serve import metadata
+from serve.backends import Backend, make_backend
+from serve.image_input import images_to_inputs, is_image_list
+from serve.validation import Limits, Signature, check_query, check_size, check_support
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities from logits along the last axis (numerically stable)."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class Task:
+    """One adapted task: the fine-tuned weights, ready to predict query sets."""
+
+    def __init__(self, adapter: Adapter, params: tuple[Any, ...], n_support: int) -> None:
+        self.adapter = adapter
+        self._params = params
+        self.n_support = n_support
+
+    @property
+    def parameters(self) -> tuple[np.ndarray, ...]:
+        """The adapted weights, in `adapter.json`'s `parameters` order."""
+        return self.adapter.backend.to_numpy(self._params)
+
+    def predict(self, query_x: Any) -> np.ndarray:
+        """Outputs for the queries: logits `(Q, n_way)` or regression values `(Q, *target)`.
+
+        Batch norm normalises with the statistics of this query batch (see the module docstring).
+        """
+        return self.adapter.backend.predict(self._params, self.adapter._query(query_x))
+
+
+class Adapter:
+    """An exported adapter loaded with one backend; see `serve.load`."""
+
+    def __init__(
+        self, directory: Path, meta: dict[str, Any], backend: Backend, limits: Limits
+    ) -> None:
+        self.directory = directory
+        self.metadata = meta
+        self.backend = backend
+        self.limits = limits
+        self.signature = Signature.from_metadata(meta)
+
+    @property
+    def task_kind(self) -> str:
+        """`"classification"` or `"regression"`."""
+        return self.metadata["task"]
+
+    def inputs(self, x: Any, name: str) -> Any:
+        """Images (files or bytes) become input arrays; anything else passes through unchanged."""
+        if is_image_list(x):
+            if name == "query_x":  # sizes are checked before decoding, as for arrays
+                check_size(x, name, self.limits.max_query, "max_query")
+            else:
+                check_size(x, name, self.limits.max_support, "max_support")
+            return images_to_inputs(x, self.metadata.get("preprocessing"),
+                                    self.signature.input_shape)
+        return x
+
+    def _support(self, support_x: Any, support_y: Any) -> tuple[np.ndarray, np.ndarray]:
+        return check_support(self.inputs(support_x, "support_x"), support_y, self.signature,
+                             self.limits)
+
+    def _query(self, query_x: Any) -> np.ndarray:
+        return check_query(self.inputs(query_x, "query_x"), self.signature, self.limits)
+
+    def adapt(self, support_x: Any, support_y: Any) -> Task:
+        """Fine-tune the meta-learned weights on a support set (labels `0..n_way-1` or targets)."""
+        x, y = self._support(support_x, support_y)
+        return Task(self, self.backend.adapt(x, y), len(x))
+
+    def adapt_predict(self, support_x: Any, support_y: Any, query_x: Any) -> np.ndarray:
+        """Adapt and predict in one call (one graph; nothing kept between calls)."""
+        x, y = self._support(support_x, support_y)
+        q = self._query(query_x)
+        return self.backend.adapt_predict(x, y, q)
+
+
+def load(
+    path: str | Path, backend: str | None = None, *, limits: Limits | None = None,
+    threads: int = 0, verify: bool = True,
+) -> Adapter:
+    """Load an exported adapter from its directory (or `adapter.json`, or one of its files).
+
+    `backend` is `"onnx"` (onnxruntime; the default for a directory) or `"torchscript"` (needs
+    torch); naming a `.onnx` / `.ts` file picks its backend. `limits` bounds the support and query
+    sizes one call accepts; `threads` sets the backend's intra-op threads (0: its default).
+    `verify` checks each loaded file against the sha256 recorded in `adapter.json`.
+    """
+    directory, name = metadata.locate(path, backend)
+    meta = metadata.read(directory)
+    files = metadata.entry_files(meta, directory, name)
+    if verify:
+        metadata.verify_files(meta, files)
+    runner = make_backend(name, files, len(meta["parameters"]), threads)
+    return Adapter(directory, meta, runner, limits or Limits())

@@ -1,0 +1,298 @@
+"""The HTTP service: an exported adapter behind a small JSON API (FastAPI on uvicorn).
+
+    GET    /healthz                 liveness, and how many tasks are stored
+    GET    /v1/adapter              the adapter's metadata (adapter.json) and the service limits
+    POST   /v1/tasks                support set in; adapted once; {"task_id": ...} out
+    POST   /v1/tasks/{id}/predict   query set in; predictions (and class probabilities) out
+    DELETE /v1/tasks/{id}           forget an adapted task
+    POST   /v1/predict              stateless: support and query sets in one request
+    GET    /                        a static page from `static_dir` when there is one
+                                    (the hook for a drawing page), else a JSON index
+
+Inputs are JSON arrays (`support_x` of shape `(S, *input_shape)`, `support_y` class indices or
+targets, `query_x`) or, for image adapters, lists of base64 PNG / JPEG strings (data URLs too).
+Strings are only ever decoded as base64 images, never read as paths on the server.
+
+Every client mistake is a 4xx answer with a JSON body `{"error": "..."}` naming it: 400 malformed
+JSON, 404 unknown or evicted task, 413 body over the size limit, 422 anything `serve.validation`
+refuses (shapes, dtypes, labels, non-finite numbers, sizes). Bodies are read and parsed here
+rather than by FastAPI so that the size limit applies while reading and error bodies stay short;
+the OpenAPI schema still documents them. Validation and inference run in a thread pool
+(onnxruntime releases the GIL), so the event loop keeps accepting requests meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import re
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
+
+from maml.errors import UsageError
+from serve.adapter import Adapter, Task, softmax
+from serve.backends import InferenceError
+from serve.task_store import TaskStore
+
+T = TypeVar("T")
+STATIC_DIR = Path(__file__).parent / "static"
+_DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Service limits; each is a `python -m serve` option."""
+
+    max_tasks: int = 256
+    task_ttl_s: float = 600.0
+    max_body_bytes: int = 8 * 1024 * 1024
+    threads: int = 4
+    static_dir: Path | None = None
+
+
+class ApiError(Exception):
+    """A client error: its HTTP status and one-line message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+X_DOC = ("an array of shape (N, *input.shape), or (image adapters) a list of base64 PNG/JPEG "
+         "strings")
+
+
+class SupportBody(BaseModel):
+    support_x: list[Any] = Field(description=X_DOC)
+    support_y: list[Any] = Field(description="class indices 0..n_way-1, or regression targets "
+                                             "of shape (N, *target.shape)")
+
+
+class QueryBody(BaseModel):
+    query_x: list[Any] = Field(description=X_DOC)
+
+
+class PredictBody(SupportBody):
+    query_x: list[Any] = Field(description=X_DOC)
+
+
+class TaskCreated(BaseModel):
+    task_id: str
+    n_support: int
+    ttl_s: float
+
+
+class Predictions(BaseModel):
+    predictions: list[Any] = Field(description="class indices, or regression outputs")
+    probabilities: list[list[float]] | None = Field(None, description="classification only")
+    logits: list[list[float]] | None = Field(None, description="classification only")
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+ERRORS = {status: {"model": ErrorBody} for status in (400, 404, 413, 422)}
+
+
+def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": schema}}}}
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def read_json(request: Request, limit: int, fields: tuple[str, ...]) -> dict[str, Any]:
+    """The request's JSON object with exactly `fields`, read with a size limit."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the body is {int(declared)} bytes, over the limit of {limit}; "
+                            "send fewer or smaller examples")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the body is over the limit of {limit} bytes; send fewer or "
+                                "smaller examples")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the body is not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise ApiError(422, f"the body must be a JSON object with {', '.join(fields)}")
+    missing = [f for f in fields if f not in body]
+    extra = sorted(set(body) - set(fields))
+    if missing or extra:
+        problem = f"lacks {', '.join(missing)}" if missing else f"has unknown {', '.join(extra)}"
+        raise ApiError(422, f"the body {problem}; expected the fields {', '.join(fields)}")
+    return body
+
+
+def decode_images(value: Any, name: str) -> Any:
+    """A list of base64 strings (or data URLs) becomes a list of bytes; other values pass."""
+    if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+        return value
+    out = []
+    for i, text in enumerate(value):
+        try:
+            out.append(base64.b64decode(_DATA_URL.sub("", text, count=1), validate=True))
+        except (binascii.Error, ValueError):
+            raise UsageError(f"{name}[{i}] is a string but not base64-encoded image data; send "
+                             "numbers, or base64 PNG/JPEG") from None
+    return out
+
+
+def prediction_body(adapter: Adapter, outputs: np.ndarray) -> dict[str, Any]:
+    """The JSON answer for a query set's outputs."""
+    if not np.isfinite(outputs).all():
+        raise UsageError("the adapted model produced non-finite outputs for these inputs (are "
+                         "they far outside the training range?); send smaller values")
+    if adapter.task_kind == "classification":
+        return {"predictions": outputs.argmax(-1).tolist(),
+                "probabilities": softmax(outputs.astype(np.float64)).tolist(),
+                "logits": outputs.tolist()}
+    return {"predictions": outputs.tolist()}
+
+
+def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
+    """The FastAPI application serving `adapter`."""
+    settings = settings or Settings()
+    store: TaskStore[Task] = TaskStore(settings.max_tasks, settings.task_ttl_s)
+    pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="serve")
+    limit = settings.max_body_bytes
+    meta = adapter.metadata
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        lifespan=lifespan,
+        title="maml-toolkit adapter service",
+        version=str(meta.get("versions", {}).get("maml", "")),
+        description=f"A MAML {meta['task']} adapter: adapt to a support set, then predict. "
+                    "Batch norm uses the statistics of each batch it is given (the query set "
+                    "at prediction), so send a query set together.",
+    )
+    app.state.store, app.state.adapter, app.state.settings = store, adapter, settings
+
+    async def in_pool(fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(UsageError)
+    async def usage_error(_: Request, exc: UsageError) -> JSONResponse:
+        return _error(422, str(exc))
+
+    @app.exception_handler(InferenceError)
+    async def inference_error(_: Request, exc: InferenceError) -> JSONResponse:
+        return _error(500, f"inference failed: {exc}")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, exc: Exception) -> JSONResponse:
+        return _error(500, f"internal error ({type(exc).__name__}); see the server log")
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        """Liveness: the service is up and its adapter loaded."""
+        return {"status": "ok", "tasks": len(store), "backend": adapter.backend.name}
+
+    @app.get("/v1/adapter")
+    async def adapter_metadata() -> dict[str, Any]:
+        """The adapter's `adapter.json`, plus this service's limits."""
+        limits = {**asdict(adapter.limits), "max_body_bytes": limit,
+                  "max_tasks": settings.max_tasks, "task_ttl_s": settings.task_ttl_s}
+        return {"metadata": meta, "backend": adapter.backend.name, "limits": limits}
+
+    @app.post("/v1/tasks", status_code=201, openapi_extra=_body_doc(SupportBody),
+              responses={201: {"model": TaskCreated}, **ERRORS})
+    async def create_task(request: Request) -> JSONResponse:
+        """Adapt to a support set once; later predictions use the returned `task_id`."""
+        body = await read_json(request, limit, ("support_x", "support_y"))
+        task = await in_pool(lambda: adapter.adapt(
+            decode_images(body["support_x"], "support_x"), body["support_y"]))
+        task_id = store.add(task)
+        return JSONResponse({"task_id": task_id, "n_support": task.n_support,
+                             "ttl_s": settings.task_ttl_s}, status_code=201)
+
+    def lookup(task_id: str) -> Task:
+        task = store.get(task_id)
+        if task is None:
+            raise ApiError(404, f"no task {task_id!r}: unknown, deleted, or evicted (idle over "
+                                f"{settings.task_ttl_s:g} s, or more than {settings.max_tasks} "
+                                "tasks); POST /v1/tasks again")
+        return task
+
+    @app.post("/v1/tasks/{task_id}/predict", openapi_extra=_body_doc(QueryBody),
+              responses={200: {"model": Predictions}, **ERRORS})
+    async def predict_task(task_id: str, request: Request) -> JSONResponse:
+        """Predict a query set with an adapted task."""
+        task = lookup(task_id)
+        body = await read_json(request, limit, ("query_x",))
+
+        def run() -> dict[str, Any]:
+            return prediction_body(adapter, task.predict(decode_images(body["query_x"],
+                                                                       "query_x")))
+
+        return JSONResponse(await in_pool(run))
+
+    @app.delete("/v1/tasks/{task_id}", status_code=204, responses={404: {"model": ErrorBody}})
+    async def delete_task(task_id: str) -> Response:
+        """Forget an adapted task."""
+        if not store.delete(task_id):
+            lookup(task_id)  # raises the 404
+        return Response(status_code=204)
+
+    @app.post("/v1/predict", openapi_extra=_body_doc(PredictBody),
+              responses={200: {"model": Predictions}, **ERRORS})
+    async def predict_stateless(request: Request) -> JSONResponse:
+        """Adapt and predict in one request; nothing is stored (for replicated deployments)."""
+        body = await read_json(request, limit, ("support_x", "support_y", "query_x"))
+
+        def run() -> dict[str, Any]:
+            outputs = adapter.adapt_predict(
+                decode_images(body["support_x"], "support_x"), body["support_y"],
+                decode_images(body["query_x"], "query_x"))
+            return prediction_body(adapter, outputs)
+
+        return JSONResponse(await in_pool(run))
+
+    static = settings.static_dir or STATIC_DIR
+    if (static / "index.html").is_file():
+        from fastapi.staticfiles import StaticFiles
+
+        app.mount("/", StaticFiles(directory=static, html=True), name="static")
+    else:
+
+        @app.get("/")
+        async def index() -> dict[str, Any]:
+            """What this service offers (a page in `serve/static/` replaces this answer)."""
+            return {"service": "maml-toolkit adapter", "task": meta["task"],
+                    "docs": "/docs", "openapi": "/openapi.json",
+                    "endpoints": ["/healthz", "/v1/adapter", "/v1/tasks",
+                                  "/v1/tasks/{task_id}/predict", "/v1/predict"]}
+
+    return app

@@ -1,0 +1,87 @@
+"""Image inputs of the runtime: PNG / JPEG files or bytes become exactly the training inputs."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from maml.errors import UsageError
+from maml.images import PREPROCESSING, box_resize, ink_from_omniglot
+from serve import image_input
+from serve.image_input import images_to_inputs
+
+OMNIGLOT = Path(__file__).resolve().parents[2] / "../shared/data/omniglot"
+OMNIGLOT_ZIP = OMNIGLOT / "images_background_small1.zip"
+SHAPE = (1, 28, 28)
+
+
+def png(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def omniglot_pngs(n: int) -> list[bytes]:
+    if not OMNIGLOT_ZIP.is_file():
+        pytest.skip(f"no Omniglot archive at {OMNIGLOT_ZIP} (see ../shared/data/omniglot)")
+    with zipfile.ZipFile(OMNIGLOT_ZIP) as z:
+        names = sorted(name for name in z.namelist() if name.endswith(".png"))[:n]
+        return [z.read(name) for name in names]
+
+
+def test_omniglot_pngs_match_the_training_preprocessing():
+    """An upstream Omniglot PNG gives the same 28x28 input the training data holds."""
+    raw = omniglot_pngs(3)
+    got = images_to_inputs(raw, PREPROCESSING, SHAPE)
+    for i, data in enumerate(raw):
+        pixels = np.asarray(Image.open(io.BytesIO(data)).convert("1"), dtype=bool)
+        expected = box_resize(ink_from_omniglot(pixels), 28)
+        np.testing.assert_allclose(got[i, 0], expected, atol=1e-6)
+    assert got.shape == (3, 1, 28, 28) and got.dtype == np.float32
+    assert 0 < got.mean() < 0.5  # mostly paper, some ink
+
+
+def test_files_bytes_rgba_jpeg_and_padding(tmp_path):
+    gray = np.full((56, 56), 255, np.uint8)
+    gray[10:40, 20:30] = 0  # a dark stroke on white paper
+    expected = box_resize(1.0 - gray / 255.0, 28)
+    path = tmp_path / "stroke.png"
+    Image.fromarray(gray).save(path)
+    rgba = np.zeros((56, 56, 4), np.uint8)  # transparent canvas, opaque black ink
+    rgba[10:40, 20:30, 3] = 255
+    wide = np.full((56, 112), 255, np.uint8)  # non-square: padded to a centred square
+    wide[:, 28:84] = gray
+    got = images_to_inputs(
+        [path, str(path), png(Image.fromarray(gray)), png(Image.fromarray(rgba, "RGBA")),
+         png(Image.fromarray(wide))],
+        PREPROCESSING, SHAPE,
+    )
+    for i in range(4):
+        np.testing.assert_allclose(got[i, 0], expected, atol=1e-6)
+    padded = np.pad(1.0 - wide / 255.0, ((28, 28), (0, 0)))  # 28 paper rows above and below
+    np.testing.assert_allclose(got[4, 0], box_resize(padded, 28), atol=1e-6)
+    jpeg = images_to_inputs([png(Image.fromarray(gray), "JPEG")], PREPROCESSING, SHAPE)
+    np.testing.assert_allclose(jpeg[0, 0], expected, atol=0.05)  # lossy, but the same drawing
+
+
+def test_bad_images_are_refused_clearly(tmp_path, monkeypatch):
+    with pytest.raises(UsageError, match="image 1 is not a readable PNG or JPEG"):
+        images_to_inputs([png(Image.new("L", (8, 8))), b"not an image"], PREPROCESSING, SHAPE)
+    gif = io.BytesIO()
+    Image.new("L", (8, 8)).save(gif, format="GIF")
+    with pytest.raises(UsageError, match="not a readable PNG or JPEG"):
+        images_to_inputs([gif.getvalue()], PREPROCESSING, SHAPE)
+    with pytest.raises(UsageError, match="cannot be read"):
+        images_to_inputs([tmp_path / "missing.png"], PREPROCESSING, SHAPE)
+    monkeypatch.setattr(image_input, "MAX_PIXELS", 100)
+    with pytest.raises(UsageError, match="image 0 is 20x20; send images of at most 100 pixels"):
+        images_to_inputs([png(Image.new("L", (20, 20)))], PREPROCESSING, SHAPE)
+    with pytest.raises(UsageError, match="takes arrays, not images"):
+        images_to_inputs([b""], None, (1,))
+    with pytest.raises(UsageError, match=r"adapter takes \(3, 28, 28\)"):
+        images_to_inputs([b""], PREPROCESSING, (3, 28, 28))

@@ -1,0 +1,168 @@
+"""`serve.load`: both backends reproduce the training-time inner loop on real exported adapters."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from serve_helpers import NO_TORCH, ROOT, make_task, reference
+
+import serve
+from maml.errors import UsageError
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_backends_match_the_reference(exported, backend):
+    adapter = serve.load(exported.directory, backend)
+    assert adapter.metadata == exported.meta and adapter.backend.name == backend
+    for k_shot, q_query, seed in ((1, 3, 0), (3, 7, 1)):  # sizes unlike the export's example
+        task = make_task(exported.meta, k_shot, q_query, seed)
+        expected = reference(exported, task)
+        adapted = adapter.adapt(task["support_x"], task["support_y"])
+        got = adapted.predict(task["query_x"])
+        assert got.shape == expected.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+        both = adapter.adapt_predict(task["support_x"], task["support_y"], task["query_x"])
+        np.testing.assert_allclose(both, expected, atol=1e-4, rtol=0)
+        # adaptation moved the weights: the outputs are not those of the initial weights
+        assert len(adapted.parameters) == len(exported.meta["parameters"])
+        for p, spec in zip(adapted.parameters, exported.meta["parameters"], strict=True):
+            assert list(p.shape) == spec["shape"]
+
+
+def test_inputs_from_lists_and_a_task_predicts_many_query_sets(sine):
+    adapter = serve.load(sine.directory)
+    task = make_task(sine.meta, 5, 4, seed=3)
+    adapted = adapter.adapt(task["support_x"].tolist(), task["support_y"].tolist())
+    for seed in (4, 5):
+        queries = make_task(sine.meta, 1, 6, seed)["query_x"]
+        expected = reference(sine, {**task, "query_x": queries})
+        np.testing.assert_allclose(adapted.predict(queries.tolist()), expected, atol=1e-4)
+
+
+def test_batch_norm_predictions_depend_on_the_query_batch(omniglot, sine):
+    """Documented behaviour: batch norm normalises with the query batch's statistics."""
+    for exp, has_batch_norm in ((omniglot, True), (sine, False)):
+        adapter = serve.load(exp.directory)
+        task = make_task(exp.meta, 2, 3, seed=6)
+        adapted = adapter.adapt(task["support_x"], task["support_y"])
+        together = adapted.predict(task["query_x"])
+        alone = np.concatenate([adapted.predict(task["query_x"][i : i + 2])
+                                for i in range(0, len(task["query_x"]), 2)])
+        assert np.allclose(together, alone, atol=1e-5) != has_batch_norm
+
+
+def test_image_adapter_takes_png_bytes(omniglot, tmp_path):
+    from PIL import Image
+
+    from maml.images import preprocess_grayscale
+
+    adapter = serve.load(omniglot.directory)
+    rng = np.random.default_rng(7)
+    drawings = [(rng.random((60, 60)) > 0.2).astype(np.uint8) * 255 for _ in range(10)]
+    pngs = []
+    for d in drawings:
+        buf = io.BytesIO()
+        Image.fromarray(d).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    arrays = np.stack([preprocess_grayscale(d, 28)[None] for d in drawings])
+    labels = np.arange(5)
+    (tmp_path / "q.png").write_bytes(pngs[5])
+    from_images = adapter.adapt(pngs[:5], labels).predict([tmp_path / "q.png", *pngs[6:]])
+    from_arrays = adapter.adapt(arrays[:5], labels).predict(arrays[5:])
+    np.testing.assert_allclose(from_images, from_arrays, atol=1e-5)
+    adapter.metadata = {**adapter.metadata, "preprocessing": None}  # as an array adapter
+    with pytest.raises(UsageError, match="takes arrays, not images"):
+        adapter.adapt(pngs[:5], labels)
+
+
+def test_load_resolves_files_and_backends(sine):
+    d = sine.directory
+    assert serve.load(d / "adapter.json").backend.name == "onnx"
+    assert serve.load(d / "adapt.onnx").backend.name == "onnx"
+    assert serve.load(d / "predict.ts").backend.name == "torchscript"
+    with pytest.raises(UsageError, match="is a onnx file but backend='torchscript'"):
+        serve.load(d / "adapt.onnx", "torchscript")
+    with pytest.raises(UsageError, match="unknown backend 'tensorflow'"):
+        serve.load(d, "tensorflow")
+    with pytest.raises(UsageError, match="does not exist"):
+        serve.load(d / "missing")
+
+
+def test_tampered_or_incomplete_exports_are_refused(sine, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(sine.directory, copy)
+    data = bytearray((copy / "predict.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "predict.onnx").write_bytes(bytes(data))
+    with pytest.raises(UsageError, match="predict.onnx does not match its sha256"):
+        serve.load(copy)
+    serve.load(copy, "torchscript")  # the TorchScript files are intact
+    (copy / "adapt.ts").unlink()
+    with pytest.raises(UsageError, match="adapt.ts is missing"):
+        serve.load(copy, "torchscript")
+    meta = json.loads((copy / "adapter.json").read_text())
+    (copy / "adapter.json").write_text(json.dumps({**meta, "format": "other/v9"}))
+    with pytest.raises(UsageError, match="has format 'other/v9'"):
+        serve.load(copy)
+    (copy / "adapter.json").write_text("{not json")
+    with pytest.raises(UsageError, match="not readable JSON"):
+        serve.load(copy)
+
+
+def test_bad_inputs_are_refused_before_any_computation(omniglot):
+    adapter = serve.load(omniglot.directory, limits=serve.Limits(max_support=20, max_query=4))
+
+    class Untouchable:
+        name = "untouchable"
+
+        def __getattr__(self, name):
+            raise AssertionError(f"the backend ran ({name}) on invalid input")
+
+    task = make_task(omniglot.meta, 1, 1, seed=8)
+    good = adapter.adapt(task["support_x"], task["support_y"])
+    adapter.backend = Untouchable()
+    sx, sy, qx = task["support_x"], task["support_y"], task["query_x"]
+    cases = [
+        ((sx[:, :, :27], sy), "support_x has shape"),
+        ((sx, sy + 1), "label 5 outside"),
+        ((sx, np.zeros_like(sy)), "class 1 has no support example"),
+        ((np.where(sx > 0.5, np.nan, sx), sy), "non-finite"),
+        ((sx[:0], sy[:0]), "support_x is empty"),
+        ((np.concatenate([sx] * 5), np.concatenate([sy] * 5)), "more than the limit of 20"),
+        ((sx.astype(np.complex64), sy), "real numbers"),
+    ]
+    for (x, y), message in cases:
+        with pytest.raises(UsageError, match=message):
+            adapter.adapt(x, y)
+        with pytest.raises(UsageError, match=message):
+            adapter.adapt_predict(x, y, qx)
+    good.adapter = adapter
+    with pytest.raises(UsageError, match="more than the limit of 4"):
+        good.predict(qx)
+    with pytest.raises(UsageError, match="query_x is empty"):
+        good.predict(qx[:0])
+
+
+def test_serve_runs_without_torch(omniglot, tmp_path):
+    """`import serve` and the onnxruntime backend work where torch and higher cannot import."""
+    task = make_task(omniglot.meta, 1, 2, seed=9)
+    np.savez(tmp_path / "task.npz", **task, expected=reference(omniglot, task))
+    code = NO_TORCH + (
+        "import numpy as np, serve\n"
+        f"t = np.load({str(tmp_path / 'task.npz')!r})\n"
+        f"a = serve.load({str(omniglot.directory)!r})\n"
+        "out = a.adapt(t['support_x'], t['support_y']).predict(t['query_x'])\n"
+        "print(float(np.abs(out - t['expected']).max()))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'higher')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    diff, modules = result.stdout.strip().splitlines()
+    assert float(diff) < 1e-4 and modules == "[]"
