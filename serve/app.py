@@ -6,6 +6,7 @@
     POST   /v1/tasks/{id}/predict   query set in; predictions (and class probabilities) out
     DELETE /v1/tasks/{id}           forget an adapted task
     POST   /v1/predict              stateless: support and query sets in one request
+    GET    /v1/adapter/files/{name} adapter.json and the ONNX files (the page adapts in-browser)
     GET    /                        a static page from `static_dir` when there is one
                                     (the hook for a drawing page), else a JSON index
 
@@ -279,6 +280,17 @@ def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
             return prediction_body(adapter, outputs)
 
         return JSONResponse(await in_pool(run))
+
+    @app.get("/v1/adapter/files/{name}", responses={404: {"model": ErrorBody}})
+    async def adapter_file(name: str) -> Response:
+        """A file of the export (`adapter.json` or one of its ONNX files), read-only, for the
+        drawing page, which adapts in the browser."""
+        from fastapi.responses import FileResponse
+
+        if name not in ("adapter.json", *meta.get("files", {}).get("onnx", {}).values()):
+            raise ApiError(404, f"no adapter file {name!r}; the service offers adapter.json and "
+                                "the files listed under files.onnx in it")
+        return FileResponse(Path(adapter.directory) / name, headers={"cache-control": "no-cache"})
 
     static = settings.static_dir or STATIC_DIR
     if (static / "index.html").is_file():
