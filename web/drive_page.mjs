@@ -3,8 +3,9 @@
 //
 //   node web/drive_page.mjs < job.json > result.json
 //
-// job: {url, chromium, userDataDir, screenshot?, screenshotRound?, rounds: [{pads: [drawing,
-// ...n_way], query: drawing}], repeat?: k}; a drawing is a list of strokes, a stroke a list of
+// job: {url, chromium, userDataDir, screenshot?, rounds: [{pads: [drawing, ...n_way],
+// query: drawing, answer?}], repeat?: k}; the screenshot shows the first round whose prediction
+// is its answer (else the last); a drawing is a list of strokes, a stroke a list of
 // [x, y] points in 105x105 image space. Each round clears the page, draws every pad, presses
 // "learn" and waits for the prediction. `repeat` then presses "learn" k more times on the last
 // round's drawings (many adapt/predict rounds, for leaks). Prints {status, backend, rounds:
@@ -60,13 +61,17 @@ try {
     });
   };
 
+  let shot = false;
   for (const [i, round] of job.rounds.entries()) {
     await page.click('#clear');
     for (const [k, drawing] of round.pads.entries()) await draw(k, drawing);
     await draw(round.pads.length, round.query);
     out.rounds.push(await learn());
-    if (job.screenshot && i === (job.screenshotRound ?? job.rounds.length - 1)) {
+    const last = out.rounds[out.rounds.length - 1];
+    const right = last.prediction && last.prediction.class === round.answer;
+    if (job.screenshot && !shot && (right || i === job.rounds.length - 1)) {
       await page.screenshot({ path: job.screenshot, fullPage: true });
+      shot = true;
     }
   }
   out.repeats = [];

@@ -330,8 +330,16 @@ async function main() {
 
   const runPredict = async () => {
     if (!state.adapted || api.query.empty) return;
+    // Batch norm normalises with the statistics of the query batch it is given (as in training,
+    // where the query set holds every class). One drawing alone would be normalised by itself,
+    // which the model never saw; so the query goes in a batch with the N examples, and its
+    // prediction is the first row. (The test checks the Python runtime agrees on that batch.)
     const queryX = api.query.input();
-    const logits = Array.from(await state.backend.predict(queryX, 1));
+    const batch = new Float32Array((1 + n) * PIXELS);
+    batch.set(queryX, 0);
+    batch.set(state.supportX, PIXELS);
+    const all = await state.backend.predict(batch, 1 + n);
+    const logits = Array.from(all.subarray(0, n));
     const probabilities = softmax(logits);
     stats.rounds += 1;
     state.prediction = { class: probabilities.indexOf(Math.max(...probabilities)), logits,
@@ -350,6 +358,7 @@ async function main() {
     api.pads.forEach((pad, i) => supportX.set(pad.input(), i * PIXELS));
     await state.backend.adapt(supportX, Array.from({ length: n }, (_, i) => i));
     state.adapted = true;
+    state.supportX = supportX;
     state.support = Array.from(supportX);
     resetResult(api.query.empty ? 'learned: now draw one of them again' : 'predicting…');
     if (!api.query.empty) await runPredict();
