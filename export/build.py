@@ -10,12 +10,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from export import bundle, onnx_format, pt2_format, torchscript_format
 from export.decompositions import onnx_decompositions
-from export.manifest import FORMATS, facts, file_names, manifest, onnx_metadata
-from export.trace import ENTRY_POINTS, Routine, example_inputs, learned_step_sizes, routine, trace
+from export.manifest import FORMATS, INIT, facts, file_names, manifest, onnx_metadata
+from export.trace import (
+    ENTRY_POINTS,
+    Routine,
+    compose,
+    example_inputs,
+    learned_step_sizes,
+    routine,
+    trace,
+)
 from export.verify import TOLERANCE, sample_tasks, verify
 from maml import checkpoint
 from maml.adaptation import InnerLoop
@@ -55,17 +64,27 @@ def write_formats(r: Routine, task: Example, formats: tuple[str, ...], folder: P
                   metadata: dict[str, str], log: Callable[[str], None]) -> None:
     """Trace each entry point and write it in every chosen format to `folder`."""
     files = file_names(formats)
+    onnx_models, graphs = {}, {}
     for entry in ENTRY_POINTS:
         example = example_inputs(r, entry, *task)
         if "torchscript" in formats or "pt2" in formats:
-            gm = trace(r, entry, example)
+            if entry == "adapt_predict":
+                gm = compose(graphs["adapt"], graphs["predict"], len(r.init))
+            else:
+                gm = graphs[entry] = trace(r, entry, example)
             if "torchscript" in formats:
                 torchscript_format.save(gm, folder / files["torchscript"][entry])
             if "pt2" in formats:
                 pt2_format.save(gm, example, r.input_names(entry), folder / files["pt2"][entry])
         if "onnx" in formats:
-            gm = trace(r, entry, example, onnx_decompositions())
-            model = onnx_format.to_onnx(gm, example, r.input_names(entry), r.output_names(entry))
+            if entry == "adapt_predict":
+                model = onnx_format.compose(onnx_models["adapt"], onnx_models["predict"],
+                                            len(r.init))
+            else:
+                gm = trace(r, entry, example, onnx_decompositions())
+                model = onnx_format.to_onnx(gm, example, r.input_names(entry),
+                                            r.output_names(entry))
+            onnx_models[entry] = model
             onnx_format.save(model, folder / files["onnx"][entry], metadata)
         log(f"  {entry}: {', '.join(files[f][entry] for f in formats)}")
 
@@ -103,6 +122,7 @@ def export_checkpoint(
         log(f"exporting {checkpoint_path} ({exp.model_spec}, {inner.steps} steps, "
             f"{'learned step sizes' if learned is not None else f'step size {lr:g}'}) to {out}")
         write_formats(r, task, chosen, folder, onnx_metadata(info), log)
+        np.savez(folder / INIT, **{f"p{i}": p.numpy() for i, p in enumerate(r.init)})
         verification = None
         if check:
             verification = verify(exp, learned, inner, folder, file_names(chosen),

@@ -22,6 +22,7 @@ from maml.experiment import Experiment
 FORMAT = "maml-toolkit/adapter-v1"
 FORMATS = ("onnx", "torchscript", "pt2")
 SUFFIX = {"onnx": "onnx", "torchscript": "ts", "pt2": "pt2"}
+INIT = "init.npz"  # the meta-learned weights p0..p{n-1} (numpy), e.g. to predict unadapted
 BATCH_NORM = "batch statistics (support batch in adapt, query batch in predict)"
 
 
@@ -82,11 +83,12 @@ def manifest(info: dict[str, Any], formats: tuple[str, ...], folder: Path,
              verification: dict[str, Any] | None) -> dict[str, Any]:
     """The complete adapter.json of the files already written to `folder`."""
     files = file_names(formats)
-    hashes = {name: sha256(folder / name) for per in files.values() for name in per.values()}
+    names = [INIT, *(name for per in files.values() for name in per.values())]
     return {
         **info,
+        "init": INIT,
         "files": files,
-        "sha256": hashes,
+        "sha256": {name: sha256(folder / name) for name in names},
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "opset": OPSET,
                      "maml": _maml_version()},
         "verification": verification,

@@ -13,17 +13,25 @@ from pathlib import Path
 import torch
 from torch.fx import GraphModule
 
+from maml.errors import UsageError
+
 
 def to_torchscript(gm: GraphModule) -> torch.jit.ScriptModule:
     """Script a traced aten graph; the result takes the same positional tensors."""
     gm = copy.deepcopy(gm)
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-            node.target = node.target.overloadpacket
-    gm.recompile()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch 2.14 deprecates jit.script; see the pt2 files
-        return torch.jit.script(gm)
+    for module in gm.modules():  # the composed adapt_predict holds the other two graphs
+        if isinstance(module, GraphModule):
+            for node in module.graph.nodes:
+                if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+                    node.target = node.target.overloadpacket
+            module.recompile()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch 2.14 deprecates jit.script; see the .pt2 files
+            return torch.jit.script(gm)
+    except Exception as exc:
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        raise UsageError(f"cannot compile to TorchScript: {' '.join(lines[:2])[:300]}") from None
 
 
 def save(gm: GraphModule, path: Path) -> None:

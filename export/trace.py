@@ -10,6 +10,7 @@ fixed by the model. The meta-learned init and the step-size table become constan
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -148,6 +149,19 @@ def _check_dynamic(gm: GraphModule, env: ShapeEnv, r: Routine, entry: str) -> No
                 f"the model fixes the number of examples of {name} while tracing; "
                 "the adapter needs a model whose batch size can vary"
             )
+
+
+def compose(adapt_gm: GraphModule, predict_gm: GraphModule, n_params: int) -> GraphModule:
+    """`adapt_predict` as a graph calling the traced `adapt` then `predict` graphs (no third
+    trace, and the very graphs the other two entry points are made of)."""
+    root = torch.nn.Module()
+    root.adapt, root.predict = adapt_gm, predict_gm
+    graph = torch.fx.Graph()
+    sx, sy, qx = (graph.placeholder(n) for n in ("support_x", "support_y", "query_x"))
+    weights = graph.call_module("adapt", (sx, sy))
+    params = [graph.call_function(operator.getitem, (weights, i)) for i in range(n_params)]
+    graph.output(graph.call_module("predict", (*params, qx)))
+    return GraphModule(root, graph)
 
 
 def ops(gm: GraphModule) -> set[str]:

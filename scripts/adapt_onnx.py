@@ -1,0 +1,99 @@
+"""Adapt an exported ONNX adapter to a new sinusoid task with onnxruntime + numpy only.
+
+    python scripts/adapt_onnx.py ADAPTER_DIR [--shots K] [--seed 0] [--compare CHECKPOINT]
+
+Draws a new sinusoid (amplitude and phase as in training), adapts on `--shots` points (default:
+the training shot count) and
+prints the query MSE before and after adaptation. `--compare CHECKPOINT` also runs the PyTorch
+inner loop (`maml.higher_engine`) on the same task in a separate process, and prints the largest
+difference between the two; this process itself never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from export.inputs import check_task  # noqa: E402  (numpy only)
+
+REFERENCE = """
+import json, sys, numpy as np, torch
+from maml import checkpoint
+from maml.experiment import restore
+from maml.higher_engine import adapt_predict
+from maml.tasks import TaskBatch
+ckpt, data, steps, lr = sys.argv[1], np.load(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+exp = restore(checkpoint.load(ckpt), ckpt, "cpu")
+inner = exp.cfg.inner_loop(steps)
+batch = TaskBatch(*(torch.from_numpy(data[k])[None] for k in ("sx", "sy", "qx", "qy")))
+lrs = None if exp.inner_lrs is None or lr == "constant" else exp.inner_lrs.detach()
+print(json.dumps(adapt_predict(exp.model, lrs, batch, inner)[0].tolist()))
+"""
+
+
+def sinusoid_task(rng: np.random.Generator, shots: int, queries: int):
+    amplitude, phase = rng.uniform(0.1, 5.0), rng.uniform(0.0, np.pi)
+    x = rng.uniform(-5.0, 5.0, size=(shots + queries, 1)).astype(np.float32)
+    y = (amplitude * np.sin(x - phase)).astype(np.float32)
+    return x[:shots], y[:shots], x[shots:], y[shots:], amplitude, phase
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("adapter")
+    p.add_argument("--shots", type=int, default=None, help="default: the training shot count")
+    p.add_argument("--queries", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare", metavar="CHECKPOINT", default=None)
+    args = p.parse_args()
+    folder = Path(args.adapter)
+    info = json.loads((folder / "adapter.json").read_text())
+    if info["task"] != "regression" or info["input"]["shape"] != [1]:
+        print(f"error: {folder} is not a sinusoid adapter", file=sys.stderr)
+        return 2
+    shots = args.shots or info["data"]["k_shot"]
+    sx, sy, qx, qy, amplitude, phase = sinusoid_task(np.random.default_rng(args.seed), shots,
+                                                     args.queries)
+    check_task(info, sx, sy, qx)
+    files = info["files"]["onnx"]
+    adapt = ort.InferenceSession(str(folder / files["adapt"]))
+    predict = ort.InferenceSession(str(folder / files["predict"]))
+    init = np.load(folder / info["init"])
+    init = [init[f"p{i}"] for i in range(len(info["parameters"]))]
+    before = predict.run(None, {**_weights(init), "query_x": qx})[0]
+    weights = adapt.run(None, {"support_x": sx, "support_y": sy})
+    after = predict.run(None, {**_weights(weights), "query_x": qx})[0]
+    assert "torch" not in sys.modules
+    print(f"new sinusoid: amplitude {amplitude:.2f}, phase {phase:.2f}; {shots} shots, "
+          f"{info['steps']} steps (onnxruntime {ort.__version__}, torch not imported)")
+    print(f"query MSE before adaptation {np.mean((before - qy) ** 2):.4f}, "
+          f"after {np.mean((after - qy) ** 2):.4f}")
+    if args.compare:
+        data = folder.parent / f".{folder.name}.task.npz"
+        np.savez(data, sx=sx, sy=sy, qx=qx, qy=qy)
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", REFERENCE, args.compare, str(data), str(info["steps"]),
+                 info.get("step_sizes_source", "constant")],
+                capture_output=True, text=True, check=True,
+                cwd=Path(__file__).resolve().parents[1])
+        finally:
+            data.unlink(missing_ok=True)
+        reference = np.asarray(json.loads(done.stdout.strip().splitlines()[-1]), np.float32)
+        print(f"max |difference| to the PyTorch inner loop: {np.abs(after - reference).max():.2e}")
+    return 0
+
+
+def _weights(values) -> dict[str, np.ndarray]:
+    return {f"p{i}": v for i, v in enumerate(values)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Adapt + predict latency of one task through every way of running the adaptation routine.
+
+    python scripts/bench_adapt.py [--models cnn,maxpool] [--steps 1,3,5] [--repeats 30]
+
+For each model (the paper's strided Omniglot net `cnn`, the max-pool net `maxpool`, full width)
+and step count: a 5-way 1-shot Omniglot test task with 75 queries, adapted and predicted by
+- eager PyTorch: `maml.adaptation.adapt` with `torch.autograd.grad`, then the query forward;
+- `higher`: `maml.higher_engine.adapt_predict` (the training-time engine);
+- the exported TorchScript, `.pt2` and ONNX (onnxruntime) `adapt_predict` files.
+Each cell is the median of `--repeats` runs after `--warmup` runs. The weights come from a
+1-iteration checkpoint (latency does not depend on them). Prints a markdown table and writes
+`benchmarks/adapt_latency.json`. Runs on CPU (and on CUDA for the torch paths when available).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from export.build import export_checkpoint  # noqa: E402
+from maml import checkpoint  # noqa: E402
+from maml.__main__ import main as maml_main  # noqa: E402
+from maml.adaptation import adapt, autograd_grad, functional_forward, step_size_table  # noqa: E402
+from maml.experiment import restore  # noqa: E402
+from maml.higher_engine import adapt_predict  # noqa: E402
+
+ENGINES = ("eager", "higher", "torchscript", "pt2", "onnxruntime")
+
+
+def median_ms(fn, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def bench_model(model: str, steps_list: list[int], folder: Path, warmup: int, repeats: int,
+                data_root: str) -> list[dict]:
+    ckpt = folder / f"{model}.pt"
+    assert maml_main(["train", "--dataset", "omniglot", "--model", model, "--iterations", "1",
+                      "--meta-batch-size", "1", "--val-tasks", "1", "--q-query", "15",
+                      "--data-root", data_root, "--checkpoint", str(ckpt), "--quiet"]) == 0
+    exp = restore(checkpoint.load(ckpt), str(ckpt), "cpu")
+    batch = exp.source.sample(1, torch.Generator().manual_seed(0), "test")
+    sx, sy, qx = batch.support_x[0], batch.support_y[0], batch.query_x[0]
+    assert sx.shape[0] == 5 and qx.shape[0] == 75
+    forward = functional_forward(exp.model)
+    params = tuple(p.detach().requires_grad_() for p in exp.model.parameters())
+    rows = []
+    for steps in steps_list:
+        out = folder / f"{model}-{steps}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_checkpoint(str(ckpt), str(out), steps=steps, tasks=1, log=lambda s: None)
+        table = step_size_table(steps, len(params), exp.cfg.inner_lr)
+        inner = exp.cfg.inner_loop(steps)
+
+        def eager(table=table):
+            fast = adapt(forward, params, sx, sy, "cross_entropy", table, autograd_grad(False))
+            with torch.no_grad():
+                return forward(tuple(p.detach() for p in fast), qx)
+
+        def higher_engine(inner=inner):
+            return adapt_predict(exp.model, None, batch, inner)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ts = torch.jit.load(str(out / "adapt_predict.ts"))
+            pt2 = torch.export.load(str(out / "adapt_predict.pt2")).module()
+        session = ort.InferenceSession(str(out / "adapt_predict.onnx"),
+                                       providers=["CPUExecutionProvider"])
+        feeds = {"support_x": sx.numpy(), "support_y": sy.numpy(), "query_x": qx.numpy()}
+
+        def no_grad(module):
+            def run():
+                with torch.no_grad():
+                    return module(sx, sy, qx)
+            return run
+
+        fns = {"eager": eager, "higher": higher_engine, "torchscript": no_grad(ts),
+               "pt2": no_grad(pt2), "onnxruntime": lambda s=session, f=feeds: s.run(None, f)}
+        reference = higher_engine().numpy()[0]
+        row = {"model": model, "steps": steps, "ms": {}, "max_abs_diff": {}}
+        for name, fn in fns.items():
+            result = fn()
+            result = result[0] if isinstance(result, list) else result
+            result = result.detach().numpy() if isinstance(result, torch.Tensor) else result
+            result = result[0] if result.ndim == 3 else result
+            row["max_abs_diff"][name] = float(np.abs(result - reference).max())
+            row["ms"][name] = median_ms(fn, warmup, repeats)
+        rows.append(row)
+        print(markdown_row(row), flush=True)
+    return rows
+
+
+def markdown_row(row: dict) -> str:
+    cells = " | ".join(f"{row['ms'][e]:.1f}" for e in ENGINES)
+    return f"| {row['model']} | {row['steps']} | {cells} |"
+
+
+def header() -> str:
+    return ("| model | steps | " + " | ".join(f"{e} (ms)" for e in ENGINES) + " |\n"
+            "|---|---:|" + "---:|" * len(ENGINES))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="cnn,maxpool")
+    p.add_argument("--steps", default="1,3,5")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--data-root", default="../shared/data/omniglot")
+    p.add_argument("--out", default="benchmarks/adapt_latency.json")
+    args = p.parse_args()
+    steps = [int(s) for s in args.steps.split(",")]
+    print(f"5-way 1-shot Omniglot, 75 queries, adapt+predict, median of {args.repeats} after "
+          f"{args.warmup} warm-up runs; CPU: {os.cpu_count()} cores, torch threads "
+          f"{torch.get_num_threads()}, {platform.processor() or platform.machine()}")
+    print(header())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models.split(","):
+            rows += bench_model(model, steps, Path(tmp), args.warmup, args.repeats,
+                                args.data_root)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "task": "omniglot 5-way 1-shot, 75 queries", "device": "cpu",
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
+        "warmup": args.warmup, "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""`python -m export` on bad input: one `error:` line, exit status 2, nothing half-written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import export.trace
+from export.__main__ import main
+from maml.__main__ import main as maml_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sinusoid_ckpt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "s.pt"
+    assert maml_main(["train", "--iterations", "1", "--meta-batch-size", "2", "--val-tasks", "2",
+                      "--checkpoint", str(path), "--quiet"]) == 0
+    return path
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path):
+    out = tmp_path / "adapter"
+    done = subprocess.run(
+        [sys.executable, "-m", "export", "--checkpoint", str(tmp_path / "nope.pt"), "--out",
+         str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: checkpoint {tmp_path / 'nope.pt'} does not exist; "
+        "train one with `python -m maml train`"]
+    assert not out.exists()
+
+
+def test_foreign_checkpoint(tmp_path, capsys):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    code, line = run_main(capsys, "--checkpoint", str(foreign), "--out", str(tmp_path / "a"))
+    assert code == 2 and line.startswith("error: ") and "not a maml-toolkit checkpoint" in line
+    assert list(tmp_path.iterdir()) == [foreign]
+
+
+def test_unwritable_out_dir(tmp_path, sinusoid_ckpt, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, line = run_main(capsys, "--checkpoint", str(sinusoid_ckpt), "--out",
+                          str(blocker / "adapter"), "--formats", "torchscript")
+    assert code == 2 and line.startswith("error: cannot write to ") and "--out" in line
+
+
+def test_out_dir_that_is_not_an_adapter_is_left_alone(tmp_path, sinusoid_ckpt, capsys):
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    code, line = run_main(capsys, "--checkpoint", str(sinusoid_ckpt), "--out", str(out))
+    assert code == 2 and "non-empty folder" in line
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+
+
+def test_bad_formats(tmp_path, sinusoid_ckpt, capsys):
+    code, line = run_main(capsys, "--checkpoint", str(sinusoid_ckpt), "--out",
+                          str(tmp_path / "a"), "--formats", "onnx,tflite")
+    assert code == 2 and "tflite" in line and "onnx,torchscript,pt2" in line
+
+
+def test_verification_failure_leaves_nothing(tmp_path, sinusoid_ckpt, capsys, monkeypatch):
+    """A gradient bug of the kind onnxscript's nll_loss_forward causes (gradients N times too
+    large) must stop the export with the measured difference."""
+    true_grad = export.trace.func_grad
+
+    def doubled(loss_of, params):
+        return tuple(2 * g for g in true_grad(loss_of, params))
+
+    monkeypatch.setattr(export.trace, "func_grad", doubled)
+    out = tmp_path / "adapter"
+    code, line = run_main(capsys, "--checkpoint", str(sinusoid_ckpt), "--out", str(out),
+                          "--formats", "torchscript", "--steps", "2", "--tasks", "1")
+    assert code == 2 and line.startswith("error: verification failed: max |difference| ")
+    assert "torchscript" in line and "nothing was written" in line
+    assert list(tmp_path.iterdir()) == []  # neither the adapter nor its temporary folder
+
+
+def test_existing_adapter_is_replaced(tmp_path, sinusoid_ckpt, capsys):
+    out = tmp_path / "adapter"
+    for steps in ("1", "2"):
+        code, _ = run_main(capsys, "--checkpoint", str(sinusoid_ckpt), "--out", str(out),
+                           "--formats", "torchscript", "--steps", steps, "--tasks", "1")
+        assert code == 0
+    assert '"steps": 2' in (out / "adapter.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_unsupported_operator_is_named(tmp_path, capsys):
+    ckpt = tmp_path / "u.pt"
+    assert maml_main(["train", "--iterations", "1", "--meta-batch-size", "2", "--val-tasks", "2",
+                      "--checkpoint", str(ckpt), "--quiet",
+                      "--model", "tests.export_models:ceil_avgpool_mlp"]) == 0
+    code, line = run_main(capsys, "--checkpoint", str(ckpt), "--out", str(tmp_path / "a"),
+                          "--formats", "onnx", "--steps", "1")
+    assert code == 2
+    assert line == ("error: cannot export to ONNX: operator aten.avg_pool2d_backward has no "
+                    "ONNX translation")
+    assert not [p for p in tmp_path.iterdir() if not p.name.startswith("u.")]
