@@ -52,7 +52,8 @@ class Task:
 
         Batch norm normalises with the statistics of this query batch (see the module docstring).
         """
-        return self.adapter.backend.predict(self._params, self.adapter._query(query_x))
+        x = self.adapter.query_inputs(query_x)  # checked before the backend is touched
+        return self.adapter.backend.predict(self._params, x)
 
 
 class Adapter:
@@ -83,22 +84,24 @@ class Adapter:
                                     self.signature.input_shape)
         return x
 
-    def _support(self, support_x: Any, support_y: Any) -> tuple[np.ndarray, np.ndarray]:
+    def support_inputs(self, support_x: Any, support_y: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Checked support inputs and labels (or targets) from arrays, lists or images."""
         return check_support(self.inputs(support_x, "support_x"), support_y, self.signature,
                              self.limits)
 
-    def _query(self, query_x: Any) -> np.ndarray:
+    def query_inputs(self, query_x: Any) -> np.ndarray:
+        """Checked float32 `(Q, *input_shape)` queries from arrays, lists or images."""
         return check_query(self.inputs(query_x, "query_x"), self.signature, self.limits)
 
     def adapt(self, support_x: Any, support_y: Any) -> Task:
         """Fine-tune the meta-learned weights on a support set (labels `0..n_way-1` or targets)."""
-        x, y = self._support(support_x, support_y)
+        x, y = self.support_inputs(support_x, support_y)
         return Task(self, self.backend.adapt(x, y), len(x))
 
     def adapt_predict(self, support_x: Any, support_y: Any, query_x: Any) -> np.ndarray:
         """Adapt and predict in one call (one graph; nothing kept between calls)."""
-        x, y = self._support(support_x, support_y)
-        q = self._query(query_x)
+        x, y = self.support_inputs(support_x, support_y)
+        q = self.query_inputs(query_x)
         return self.backend.adapt_predict(x, y, q)
 
 

@@ -18,8 +18,8 @@ Every client mistake is a 4xx answer with a JSON body `{"error": "..."}` naming 
 JSON, 404 unknown or evicted task, 413 body over the size limit, 422 anything `serve.validation`
 refuses (shapes, dtypes, labels, non-finite numbers, sizes). Bodies are read and parsed here
 rather than by FastAPI so that the size limit applies while reading and error bodies stay short;
-the OpenAPI schema still documents them. Validation and inference run in a thread pool
-(onnxruntime releases the GIL), so the event loop keeps accepting requests meanwhile.
+the OpenAPI schema still documents them. JSON parsing, validation and inference run in a thread
+pool (onnxruntime releases the GIL), so the event loop keeps accepting requests meanwhile.
 """
 
 from __future__ import annotations
@@ -118,8 +118,8 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-async def read_json(request: Request, limit: int, fields: tuple[str, ...]) -> dict[str, Any]:
-    """The request's JSON object with exactly `fields`, read with a size limit."""
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the body is {int(declared)} bytes, over the limit of {limit}; "
@@ -131,10 +131,18 @@ async def read_json(request: Request, limit: int, fields: tuple[str, ...]) -> di
             raise ApiError(413, f"the body is over the limit of {limit} bytes; send fewer or "
                                 "smaller examples")
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(data: bytes, fields: tuple[str, ...]) -> dict[str, Any]:
+    """The body as a JSON object with exactly `fields` (NaN / Infinity tokens are accepted as
+    numbers, like Python's json, and then refused by validation as non-finite)."""
     try:
-        body = json.loads(b"".join(chunks))
+        body = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ApiError(400, "the body's JSON is nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(422, f"the body must be a JSON object with {', '.join(fields)}")
     missing = [f for f in fields if f not in body]
@@ -232,9 +240,14 @@ def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
               responses={201: {"model": TaskCreated}, **ERRORS})
     async def create_task(request: Request) -> JSONResponse:
         """Adapt to a support set once; later predictions use the returned `task_id`."""
-        body = await read_json(request, limit, ("support_x", "support_y"))
-        task = await in_pool(lambda: adapter.adapt(
-            decode_images(body["support_x"], "support_x"), body["support_y"]))
+        data = await read_body(request, limit)
+
+        def run() -> Task:
+            body = parse_json(data, ("support_x", "support_y"))
+            return adapter.adapt(decode_images(body["support_x"], "support_x"),
+                                 body["support_y"])
+
+        task = await in_pool(run)
         task_id = store.add(task)
         return JSONResponse({"task_id": task_id, "n_support": task.n_support,
                              "ttl_s": settings.task_ttl_s}, status_code=201)
@@ -252,9 +265,10 @@ def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
     async def predict_task(task_id: str, request: Request) -> JSONResponse:
         """Predict a query set with an adapted task."""
         task = lookup(task_id)
-        body = await read_json(request, limit, ("query_x",))
+        data = await read_body(request, limit)
 
         def run() -> dict[str, Any]:
+            body = parse_json(data, ("query_x",))
             return prediction_body(adapter, task.predict(decode_images(body["query_x"],
                                                                        "query_x")))
 
@@ -271,9 +285,10 @@ def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
               responses={200: {"model": Predictions}, **ERRORS})
     async def predict_stateless(request: Request) -> JSONResponse:
         """Adapt and predict in one request; nothing is stored (for replicated deployments)."""
-        body = await read_json(request, limit, ("support_x", "support_y", "query_x"))
+        data = await read_body(request, limit)
 
         def run() -> dict[str, Any]:
+            body = parse_json(data, ("support_x", "support_y", "query_x"))
             outputs = adapter.adapt_predict(
                 decode_images(body["support_x"], "support_x"), body["support_y"],
                 decode_images(body["query_x"], "query_x"))

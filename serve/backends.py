@@ -15,6 +15,7 @@ statistics, see the contract).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -120,7 +121,9 @@ class TorchScriptBackend:
         self.modules = {}
         for entry, path in files.items():
             try:
-                self.modules[entry] = torch.jit.load(str(path), map_location="cpu")
+                with warnings.catch_warnings():  # TorchScript's deprecation notice is noise here
+                    warnings.simplefilter("ignore", FutureWarning)
+                    self.modules[entry] = torch.jit.load(str(path), map_location="cpu")
             except Exception as exc:
                 raise UsageError(f"torch.jit.load cannot load {path}: "
                                  f"{str(exc).splitlines()[0][:300]}") from None

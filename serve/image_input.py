@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from maml.errors import UsageError
-from maml.images import box_resize
+from maml.images import preprocess_grayscale
 
 MAX_PIXELS = 4096 * 4096
 FORMATS = ("PNG", "JPEG")
@@ -65,7 +65,7 @@ def _read(source: ImageSource, index: int) -> bytes:
 
 def grayscale_pixels(data: bytes, index: int = 0) -> np.ndarray:
     """Decode PNG / JPEG bytes to a square uint8 grayscale array, paper = 255."""
-    from PIL import Image, UnidentifiedImageError  # Pillow only when images are sent
+    from PIL import Image  # Pillow only when images are sent
 
     try:
         with Image.open(io.BytesIO(data), formats=FORMATS) as image:
@@ -80,8 +80,9 @@ def grayscale_pixels(data: bytes, index: int = 0) -> np.ndarray:
             gray = np.asarray(image.convert("L"), dtype=np.uint8)
     except UsageError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise UsageError(f"image {index} is not a readable PNG or JPEG ({exc})") from None
+    except Exception as exc:  # Pillow raises many types (SyntaxError, EOFError, ...) on bad data
+        reason = str(exc) or type(exc).__name__
+        raise UsageError(f"image {index} is not a readable PNG or JPEG ({reason})") from None
     h, w = gray.shape
     side = max(h, w)
     square = np.full((side, side), 255, dtype=np.uint8)
@@ -101,6 +102,7 @@ def images_to_inputs(
     ink, paper = float(preprocessing.get("ink", 1.0)), float(preprocessing.get("background", 0.0))
     out = np.empty((len(sources), 1, size, size), dtype=np.float32)
     for i, source in enumerate(sources):
-        darkness = 1.0 - grayscale_pixels(_read(source, i), i).astype(np.float32) / 255.0
-        out[i, 0] = paper + (ink - paper) * box_resize(darkness, size)
+        darkness = preprocess_grayscale(grayscale_pixels(_read(source, i), i), size,
+                                        ink_is_dark=True)  # in [0, 1], 1 where the ink is
+        out[i, 0] = paper + (ink - paper) * darkness
     return out

@@ -67,7 +67,7 @@ def check_size(value: Any, name: str, limit: int, limit_name: str) -> None:
                          f"({limit_name}); split the request or raise the limit")
 
 
-def _numbers(value: Any, name: str) -> np.ndarray:
+def _numbers(value: Any, name: str, expected: str = "real numbers") -> np.ndarray:
     """`value` as a numeric numpy array, or a clear error for ragged / non-numeric data."""
     try:
         array = np.asarray(value)
@@ -77,8 +77,10 @@ def _numbers(value: Any, name: str) -> np.ndarray:
     if array.dtype == np.bool_ or not (
         np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
     ):
-        kind = "ragged or mixed" if array.dtype == object else str(array.dtype)
-        raise UsageError(f"{name} must hold real numbers, got {kind} values")
+        kinds = {"O": "ragged, mixed or out-of-range", "U": "text", "S": "text", "b": "boolean",
+                 "c": "complex"}
+        kind = kinds.get(array.dtype.kind, str(array.dtype))
+        raise UsageError(f"{name} must hold {expected}, got {kind} values")
     return array
 
 
@@ -121,7 +123,7 @@ def check_support(
 
 
 def _labels(value: Any, n_way: int) -> np.ndarray:
-    labels = _numbers(value, "support_y")
+    labels = _numbers(value, "support_y", f"integer class indices 0..{n_way - 1}")
     if not np.issubdtype(labels.dtype, np.integer):
         raise UsageError(f"support_y must hold integer class indices 0..{n_way - 1}, got "
                          f"{labels.dtype} values")

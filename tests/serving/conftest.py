@@ -2,55 +2,79 @@
 
 Two adapters are trained for a meta-iteration or two and exported with `python -m export`: the
 sinusoid MLP (regression, no batch norm) and a strided conv net with 8 channels on Omniglot
-(5-way classification with batch norm and image preprocessing).
+(5-way classification with batch norm and image preprocessing). Exports are cached under the
+temporary folder keyed by the sources they depend on (see `_trained_and_exported`).
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from serve_helpers import OMNIGLOT, ROOT, Exported, Server, start_server, stop_server
 
-
-def _train(argv: list[str]) -> None:
-    from maml.__main__ import main
-
-    assert main(["train", *argv, "--quiet"]) == 0
+CACHE = Path(tempfile.gettempdir()) / "maml-serve-test-adapters"
 
 
-def _export(checkpoint: Path, out: Path) -> Exported:
-    result = subprocess.run(
-        [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--out", str(out),
-         "--formats", "onnx,torchscript"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, f"export failed:\n{result.stdout}\n{result.stderr}"
+def _sources_key(*parts: str) -> str:
+    """A digest of everything an export depends on: the maml/ and export/ sources, torch, args."""
+    import torch
+
+    digest = hashlib.sha256(f"{torch.__version__} {parts}".encode())
+    for folder in ("maml", "export"):
+        for file in sorted((ROOT / folder).rglob("*.py")):
+            digest.update(str(file.relative_to(ROOT)).encode() + file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _trained_and_exported(name: str, train_args: list[str]) -> Exported:
+    """Train and export once; reuse the result while the sources are unchanged.
+
+    Exporting takes about a minute of CPU per adapter, so the result is kept under the temporary
+    folder, keyed by the sources of `maml/` and `export/` (a lock serialises concurrent runs).
+    """
+    export_args = ["--formats", "onnx,torchscript", "--steps", "2", "--no-verify"]
+    folder = CACHE / f"{name}-{_sources_key(*train_args, *export_args)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint, out = folder / "model.pt", folder / "adapter"
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "done").is_file():
+            from maml.__main__ import main
+
+            assert main(["train", *train_args, "--checkpoint", str(checkpoint), "--quiet"]) == 0
+            result = subprocess.run(
+                [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--out",
+                 str(out), *export_args],
+                cwd=ROOT, capture_output=True, text=True, timeout=900,
+            )
+            assert result.returncode == 0, f"export failed:\n{result.stdout}\n{result.stderr}"
+            (folder / "done").write_text("")
     return Exported(checkpoint, out, json.loads((out / "adapter.json").read_text()))
 
 
 @pytest.fixture(scope="session")
-def sine(tmp_path_factory) -> Exported:
-    """The sinusoid MLP (1-40-40-1), meta-trained for 2 iterations and exported."""
-    d = tmp_path_factory.mktemp("sine")
-    _train(["--iterations", "2", "--val-tasks", "5", "--checkpoint", str(d / "s.pt")])
-    return _export(d / "s.pt", d / "adapter")
+def sine() -> Exported:
+    """The sinusoid MLP (1-40-40-1), meta-trained for 2 iterations, exported with 2 steps."""
+    return _trained_and_exported("sine", ["--iterations", "2", "--val-tasks", "5"])
 
 
 @pytest.fixture(scope="session")
-def omniglot(tmp_path_factory) -> Exported:
-    """A 5-way conv net with batch norm (8 channels), 1 Omniglot iteration, exported."""
+def omniglot() -> Exported:
+    """A 5-way conv net with batch norm (8 channels), 1 Omniglot iteration, 2 steps."""
     if not (OMNIGLOT / "images_background.npz").is_file():
         pytest.skip(f"no Omniglot data in {OMNIGLOT.resolve()}")
-    d = tmp_path_factory.mktemp("omniglot")
-    _train(["--dataset", "omniglot", "--data-root", str(OMNIGLOT), "--iterations", "1",
-            "--meta-batch-size", "2", "--val-tasks", "2", "--model-kwargs", '{"hidden": 8}',
-            "--checkpoint", str(d / "o.pt")])
-    return _export(d / "o.pt", d / "adapter")
+    return _trained_and_exported(
+        "omniglot", ["--dataset", "omniglot", "--data-root", str(OMNIGLOT.resolve()),
+                     "--iterations", "1", "--meta-batch-size", "2", "--val-tasks", "2",
+                     "--model-kwargs", '{"hidden": 8}'])
 
 
 @pytest.fixture(params=["sine", "omniglot"])

@@ -6,13 +6,15 @@ from __future__ import annotations
 import base64
 import io
 import json
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
-from serve_helpers import make_task
+from serve_helpers import ROOT, make_task
 
 import serve
 
@@ -113,6 +115,7 @@ def test_bad_requests_get_4xx_with_a_json_error(image_service, omniglot):
         (b"{not json", 400, "not valid JSON"),
         (b"\xff\xfe{}", 400, "not valid JSON"),
         (b"", 400, "not valid JSON"),
+        (b"[" * 100_000, 400, "nested too deeply"),
         (nan.encode(), 422, "non-finite"),
         (huge.encode(), 422, "non-finite"),  # 1e999 parses as infinity
         (json.dumps({**task, "query_x": [[[[1e39] * 28] * 28]] * 2}).encode(), 422, "non-finite"),
@@ -120,12 +123,12 @@ def test_bad_requests_get_4xx_with_a_json_error(image_service, omniglot):
         (json.dumps({"support_x": sx, "support_y": sy}).encode(), 422, "lacks query_x"),
         (json.dumps({**task, "extra": 1}).encode(), 422, "unknown extra"),
         (json.dumps({**task, "query_x": [row[0] for row in qx]}).encode(), 422,
-         r"query_x has shape (2, 28, 28), expected (N, 1, 28, 28)"),
+         "query_x has shape (10, 28, 28), expected (N, 1, 28, 28)"),
         (json.dumps({**task, "support_y": [y + 1 for y in sy]}).encode(), 422, "label 5 outside"),
         (json.dumps({**task, "support_y": [0] * 5}).encode(), 422, "has no support example"),
         (json.dumps({**task, "support_y": [str(y) for y in sy]}).encode(), 422, "integer"),
         (json.dumps({**task, "query_x": []}).encode(), 422, "query_x is empty"),
-        (json.dumps({**task, "query_x": qx * 16}).encode(), 422, "more than the limit of 30"),
+        (json.dumps({**task, "query_x": qx * 4}).encode(), 422, "more than the limit of 30"),
         (json.dumps({**task, "query_x": ["bm90IGFuIGltYWdl"]}).encode(), 422,
          "not a readable PNG or JPEG"),
         (json.dumps({**task, "query_x": ["%%% not base64"]}).encode(), 422, "not base64"),
@@ -176,14 +179,64 @@ def test_torchscript_backend_serves_regression(sine, server_factory):
     assert r.status_code == 422 and "expected (N, 1)" in r.json()["error"]
 
 
-def test_tasks_are_evicted_by_count_and_idle_time(sine, server_factory):
-    server = server_factory(sine.directory, "--max-tasks", "2", "--task-ttl", "1.0")
+def test_tasks_are_evicted_by_count_and_idle_time(sine, server_factory, tmp_path):
+    (tmp_path / "index.html").write_text("<h1>draw here</h1>")
+    by_count = server_factory(sine.directory, "--max-tasks", "2", "--static", str(tmp_path))
+    assert httpx.get(by_count.url + "/").text == "<h1>draw here</h1>"  # the page hook
+    by_time = server_factory(sine.directory, "--task-ttl", "0.5")
     task = as_json(make_task(sine.meta, 3, 2, seed=14))
     support = {"support_x": task["support_x"], "support_y": task["support_y"]}
     query = {"query_x": task["query_x"]}
-    ids = [post(server.url + "/v1/tasks", support).json()["task_id"] for _ in range(3)]
-    codes = [post(f"{server.url}/v1/tasks/{i}/predict", query).status_code for i in ids]
-    assert codes == [404, 200, 200]  # the oldest was evicted to keep at most 2
-    time.sleep(1.3)
-    assert post(f"{server.url}/v1/tasks/{ids[2]}/predict", query).status_code == 404
-    assert httpx.get(server.url + "/healthz").json()["tasks"] == 0
+    ids = [post(by_count.url + "/v1/tasks", support).json()["task_id"] for _ in range(3)]
+    codes = [post(f"{by_count.url}/v1/tasks/{i}/predict", query).status_code for i in ids]
+    assert codes == [404, 200, 200]  # the least recently used was evicted to keep 2
+    assert httpx.get(by_count.url + "/healthz").json()["tasks"] == 2
+    idle = post(by_time.url + "/v1/tasks", support).json()["task_id"]
+    time.sleep(0.8)  # idle over 0.5 s (that tasks live until then: test_serve_validation.py)
+    assert post(f"{by_time.url}/v1/tasks/{idle}/predict", query).status_code == 404
+    assert httpx.get(by_time.url + "/healthz").json()["tasks"] == 0
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    for args, message in (
+        (["--adapter", str(tmp_path / "missing")], "does not exist"),
+        (["--adapter", str(tmp_path)], "has no adapter.json"),
+    ):
+        result = subprocess.run([sys.executable, "-m", "serve", *args], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and result.stderr.startswith("error: ")
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_load_test_script_reports_no_errors(sine, tmp_path):
+    out = tmp_path / "load.json"
+    result = subprocess.run(
+        [sys.executable, "scripts/load_test.py", "--adapter", str(sine.directory),
+         "--clients", "2", "--duration", "1", "--json-out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    assert report["errors"] == 0, result.stdout
+    for op in ("adapt", "predict", "stateless", "delete"):
+        assert report["operations"][op]["requests"] > 0, result.stdout
+    assert "p99 ms" in result.stdout
+    refused = subprocess.run([sys.executable, "scripts/load_test.py", "--url",
+                              "http://192.0.2.1:8000"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode != 0 and "not a loopback address" in refused.stderr
+
+
+def test_listening_socket_disables_nagle():
+    """asyncio sets TCP_NODELAY on accepted sockets only when the listener says proto=TCP;
+    without it each keep-alive answer waited ~40 ms for the client's delayed ACK."""
+    import socket
+
+    from serve.__main__ import listen
+
+    sock = listen("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        sock.close()

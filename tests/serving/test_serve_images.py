@@ -72,6 +72,11 @@ def test_files_bytes_rgba_jpeg_and_padding(tmp_path):
 def test_bad_images_are_refused_clearly(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="image 1 is not a readable PNG or JPEG"):
         images_to_inputs([png(Image.new("L", (8, 8))), b"not an image"], PREPROCESSING, SHAPE)
+    broken = png(Image.new("L", (64, 64), 128))
+    with pytest.raises(UsageError, match="image 0 is not a readable PNG or JPEG"):
+        images_to_inputs([broken[:60]], PREPROCESSING, SHAPE)  # truncated
+    with pytest.raises(UsageError, match="image 0 is not a readable PNG or JPEG"):
+        images_to_inputs([broken[:8] + b"\0" * 50], PREPROCESSING, SHAPE)  # a bad chunk
     gif = io.BytesIO()
     Image.new("L", (8, 8)).save(gif, format="GIF")
     with pytest.raises(UsageError, match="not a readable PNG or JPEG"):

@@ -49,9 +49,9 @@ def test_valid_support_is_cast_to_the_graph_dtypes():
         (np.full((3, 1, 4, 4), 1e39), [0, 1, 2], r"non-finite"),  # finite in float64 only
         ([[[["a"] * 4] * 4]] * 3, [0, 1, 2], r"must hold real numbers"),
         ([images(1)[0].tolist(), [[1.0]]], [0, 1], r"not a rectangular array|ragged"),
-        (np.ones((3, 1, 4, 4), dtype=bool), [0, 1, 2], r"real numbers, got bool"),
+        (np.ones((3, 1, 4, 4), dtype=bool), [0, 1, 2], r"real numbers, got boolean"),
         (3.0, [0], r"must be an array"),
-        (images(3), [True, False, True], r"real numbers, got bool"),
+        (images(3), [True, False, True], r"integer class indices 0..2, got boolean"),
     ],
 )
 def test_bad_support_sets_get_one_clear_message(x, y, message):
@@ -107,3 +107,13 @@ def test_tensor_file_round_trip_and_corruption():
         tensor_file.decode(b"PK" + data)
     with pytest.raises(UsageError, match="only float32 and int64"):
         tensor_file.encode({"x": np.zeros(2, np.float64)})
+
+
+def test_tensor_file_command_converts_an_npz(tmp_path, capsys):
+    np.savez(tmp_path / "task.npz", support_x=images(2), support_y=np.arange(2, dtype=np.int32))
+    assert tensor_file.main([str(tmp_path / "task.npz"), str(tmp_path / "task.bin")]) == 0
+    back = tensor_file.load(tmp_path / "task.bin")
+    assert back["support_x"].dtype == np.float32 and back["support_y"].dtype == np.int64
+    np.testing.assert_allclose(back["support_x"], images(2), atol=1e-7)
+    assert tensor_file.main([str(tmp_path / "missing.npz"), str(tmp_path / "x.bin")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
