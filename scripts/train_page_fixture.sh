@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Meta-train the small Omniglot adapter that tests/test_page.py exports and serves to the
 # drawing page: 5-way 1-shot, the strided conv net with 32 channels, MAML split (the test draws
-# only meta-test characters). About an hour on a loaded 2-core CPU; minutes on a GPU
+# only meta-test characters). 140 iterations: 40 minutes on a loaded 2-core CPU; minutes on a GPU
 # (DEVICE=cuda). The optimizer state is dropped to keep the fixture small.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-tests/fixtures/page_omniglot_5w1s.pt}
-ITERATIONS=${ITERATIONS:-600}
+ITERATIONS=${ITERATIONS:-140}
 FULL=${OUT%.pt}.full.pt
 "$PY" -m maml train --dataset omniglot --n-way 5 --k-shot 1 --q-query 5 --model cnn \
   --model-kwargs '{"hidden": 32}' --iterations "$ITERATIONS" --meta-batch-size 8 \

@@ -9,10 +9,11 @@
   person's drawing of one of them on the query pad), presses "learn", and the test checks that
   the page adapted in the browser (onnxruntime-web), that its inputs and prediction equal the
   Python runtime's for the strokes it recorded, that most rounds are right, that many more
-  rounds leak no session or tensor, and that the service fallback gives the same answer.
+  rounds leak no session or tensor, and that the service fallback
+  (driven by touch input this time) gives the Python runtime's answer too.
 
 The adapter is `tests/fixtures/page_omniglot_5w1s.pt` (see `scripts/train_page_fixture.sh`:
-meta-training it takes about an hour on this project's 2-core CI machine, too long for a test),
+140 meta-iterations, 40 minutes on this project's 2-core CPU, too long for a test),
 exported here with `python -m export` and cached under the temporary folder, keyed by the
 checkpoint and the export sources. `scripts/setup_browser.sh` installs the browser and the npm
 packages; without them the browser tests skip, saying so.
@@ -153,7 +154,7 @@ def adapter_dir() -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         result = subprocess.run(
             [sys.executable, "-m", "export", "--checkpoint", str(FIXTURE), "--out", str(out),
-             "--formats", "onnx"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+             "--formats", "onnx", "--no-verify"], cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, f"export failed:\n{result.stdout}\n{result.stderr}"
     return out
 
@@ -173,6 +174,24 @@ def service(adapter_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_service_serves_the_export_files_read_only(service, adapter_dir) -> None:
+    import httpx
+
+    meta = httpx.get(service + "v1/adapter/files/adapter.json").json()
+    assert meta == json.loads((adapter_dir / "adapter.json").read_text())
+    for name in meta["files"]["onnx"].values():
+        body = httpx.get(service + f"v1/adapter/files/{name}").content
+        assert hashlib.sha256(body).hexdigest() == meta["sha256"][name]
+    for name in ("init.npz", "adapt.ts", "nope.onnx", "..%2Fadapter.json", "%2Fetc%2Fpasswd"):
+        answer = httpx.get(service + f"v1/adapter/files/{name}")
+        assert answer.status_code == 404, (name, answer.status_code)
+        if "%" not in name:
+            assert "the service offers adapter.json" in answer.json()["error"]
+    assert httpx.post(service + "v1/adapter/files/adapt.onnx").status_code == 405
+    page = httpx.get(service)
+    assert page.status_code == 200 and 'src="page.js"' in page.text
 
 
 def browser_missing() -> str | None:
@@ -234,35 +253,40 @@ def browser_run(drawings, adapter_dir, service, tmp_path_factory):
     return {"meta": meta, "rounds": rounds, "out": out, "tmp": tmp, "screenshot": shot}
 
 
+def check_round(sent: dict, seen: dict, runtime, n: int) -> int:
+    """Assert the page's inputs and prediction are the Python runtime's; the class shown."""
+    assert seen["shown"]["error"] is None, seen["shown"]
+    # the page recorded the replayed pen positions (to the screen's pixel grid)
+    for want, got in zip([*sent["pads"], sent["query"]],
+                         [*seen["strokes"]["pads"], seen["strokes"]["query"]], strict=True):
+        assert [len(s) for s in got] == [len(s) for s in want]
+        gap = max(np.abs(np.array(g) - np.array(w)).max() for g, w in zip(got, want))
+        assert gap <= 0.5, gap
+    # its inputs are maml.strokes' for the strokes it recorded
+    support = np.stack([strokes_to_input(s) for s in seen["strokes"]["pads"]])
+    query = strokes_to_input(seen["strokes"]["query"])[None]
+    assert np.abs(np.reshape(seen["support"], support.shape) - support).max() <= 1e-6
+    assert np.abs(np.reshape(seen["prediction"]["input"], query.shape) - query).max() <= 1e-6
+    # and its prediction is the Python runtime's for the same batch (query, then examples)
+    logits = runtime.adapt(support, np.arange(n)).predict(np.concatenate([query, support]))
+    np.testing.assert_allclose(seen["prediction"]["logits"], logits[0], atol=1e-4)
+    shown = int(seen["shown"]["class"])
+    assert shown == seen["prediction"]["class"] == int(logits[0].argmax())
+    assert seen["shown"]["text"].startswith(f"class {shown + 1} ")
+    return shown
+
+
 def test_the_page_adapts_in_the_browser_and_recognises_drawings(browser_run, adapter_dir):
     import serve
 
     out, rounds = browser_run["out"], browser_run["rounds"]
     assert out["backend"] == "browser", out["status"]
     assert "onnxruntime-web" in out["status"]
-    n = browser_run["meta"]["n_way"]
     runtime = serve.load(adapter_dir)
     right = 0
     for sent, seen in zip(rounds, out["rounds"], strict=True):
-        assert seen["shown"]["error"] is None, seen["shown"]
-        # the page recorded the replayed pen positions (to the screen's pixel grid)
-        for want, got in zip([*sent["pads"], sent["query"]],
-                             [*seen["strokes"]["pads"], seen["strokes"]["query"]], strict=True):
-            assert [len(s) for s in got] == [len(s) for s in want]
-            gap = max(np.abs(np.array(g) - np.array(w)).max() for g, w in zip(got, want))
-            assert gap <= 0.5, gap
-        # its inputs are maml.strokes' for the strokes it recorded
-        support = np.stack([strokes_to_input(s) for s in seen["strokes"]["pads"]])
-        query = strokes_to_input(seen["strokes"]["query"])[None]
-        assert np.abs(np.reshape(seen["support"], support.shape) - support).max() <= 1e-6
-        assert np.abs(np.reshape(seen["prediction"]["input"], query.shape) - query).max() <= 1e-6
-        # and its prediction is the Python runtime's for the same batch (query, then examples)
-        logits = runtime.adapt(support, np.arange(n)).predict(np.concatenate([query, support]))
-        np.testing.assert_allclose(seen["prediction"]["logits"], logits[0], atol=1e-4)
-        shown = int(seen["shown"]["class"])
-        assert shown == seen["prediction"]["class"] == int(logits[0].argmax())
-        assert seen["shown"]["text"].startswith(f"class {shown + 1} ")
-        right += shown == sent["answer"]
+        assert seen["pointerTypes"] == ["mouse"]
+        right += check_round(sent, seen, runtime, browser_run["meta"]["n_way"]) == sent["answer"]
     assert right >= 0.6 * len(rounds), f"{right} of {len(rounds)} rounds right"
 
 
@@ -289,12 +313,14 @@ def test_the_screenshot_shows_the_page(browser_run):
     assert (image < 64).mean() > 0.005  # ink and text, not a blank page
 
 
-def test_the_service_fallback_gives_the_same_prediction(browser_run, service):
-    first = browser_run["rounds"][0]
-    out = drive(service + "?backend=service", [first], browser_run["tmp"] / "fallback")
+def test_the_service_fallback_with_touch_input(browser_run, service, adapter_dir):
+    import serve
+
+    sent = browser_run["rounds"][0]
+    out = drive(service + "?backend=service", [sent], browser_run["tmp"] / "fallback",
+                pointer="touch")
     assert out["backend"] == "service"
     assert "/v1/tasks" in out["status"] and "?backend=service" in out["status"]
-    seen, browser = out["rounds"][0], browser_run["out"]["rounds"][0]
-    assert seen["shown"]["class"] == browser["shown"]["class"]
-    np.testing.assert_allclose(seen["prediction"]["logits"], browser["prediction"]["logits"],
-                               atol=1e-4)
+    seen = out["rounds"][0]
+    assert seen["pointerTypes"] == ["touch"] and seen["stats"]["sessions"] == 0
+    check_round(sent, seen, serve.load(adapter_dir), browser_run["meta"]["n_way"])

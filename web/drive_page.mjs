@@ -3,7 +3,7 @@
 //
 //   node web/drive_page.mjs < job.json > result.json
 //
-// job: {url, chromium, userDataDir, screenshot?, rounds: [{pads: [drawing, ...n_way],
+// job: {url, chromium, userDataDir, pointer?: 'mouse' | 'touch', screenshot?, rounds: [{pads: [drawing, ...n_way],
 // query: drawing, answer?}], repeat?: k}; the screenshot shows the first round whose prediction
 // is its answer (else the last); a drawing is a list of strokes, a stroke a list of
 // [x, y] points in 105x105 image space. Each round clears the page, draws every pad, presses
@@ -18,6 +18,7 @@ const browser = await chromium.launchPersistentContext(job.userDataDir, {
   executablePath: job.chromium,
   headless: true,
   viewport: { width: 1280, height: 1000 },
+  hasTouch: job.pointer === 'touch',
   args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
          '--disable-background-networking', '--disable-component-update', '--disable-sync'],
 });
@@ -34,9 +35,20 @@ try {
   if (out.backend === 'error') throw new Error(`the page failed to start: ${out.status}`);
 
   const canvases = page.locator('canvas');
+  const cdp = job.pointer === 'touch' ? await browser.newCDPSession(page) : null;
+  const touch = (type, points) => cdp.send('Input.dispatchTouchEvent', {
+    type, touchPoints: points.map(([x, y]) => ({ x, y, id: 1 })) });
   const draw = async (index, drawing) => {
     const box = await canvases.nth(index).boundingBox();
     const at = ([x, y]) => [box.x + (x + 0.5) * box.width / 105, box.y + (y + 0.5) * box.height / 105];
+    if (cdp) { // a finger: touch events, which the page gets as pointer events of type touch
+      for (const stroke of drawing) {
+        await touch('touchStart', [at(stroke[0])]);
+        for (const point of stroke.slice(1)) await touch('touchMove', [at(point)]);
+        await touch('touchEnd', []);
+      }
+      return;
+    }
     for (const stroke of drawing) {
       await page.mouse.move(...at(stroke[0]));
       await page.mouse.down();
@@ -56,6 +68,7 @@ try {
         prediction: api.state.prediction,
         support: api.state.support,
         strokes: { pads: api.pads.map((p) => p.strokes), query: api.query.strokes },
+        pointerTypes: [...new Set([...api.pads, api.query].flatMap((p) => [...p.pointerTypes]))],
         stats: { ...api.stats },
       };
     });

@@ -20,6 +20,7 @@ const $ = (id) => document.getElementById(id);
 class Pad {
   constructor(container, label, onStroke, onClear) {
     this.strokes = [];
+    this.pointerTypes = new Set();
     this.bitmap = new Uint8Array(CANVAS * CANVAS);
     this.element = document.createElement('div');
     this.element.className = 'pad';
@@ -69,6 +70,7 @@ class Pad {
     if (this.pointer !== null || (e.pointerType === 'mouse' && e.button !== 0)) return;
     e.preventDefault();
     this.pointer = e.pointerId;
+    this.pointerTypes.add(e.pointerType);
     this.canvas.setPointerCapture(e.pointerId);
     this.strokes.push([]);
     this.add(e);
