@@ -57,8 +57,9 @@ def routine(exp: Experiment, steps: int | None = None, lr: float | None = None) 
     """
     cfg = exp.cfg
     steps = cfg.eval_inner_steps if steps is None else steps
-    if steps < 0:
-        raise UsageError(f"--steps must be >= 0, got {steps}")
+    if steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {steps} (for the unadapted model, run "
+                         "predict on the weights in init.npz)")
     model = exp.model.float()
     names = tuple(name for name, _ in model.named_parameters())
     init = tuple(p.detach().clone() for p in model.parameters())

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from maml.adaptation import InnerLoop
+from maml.errors import UsageError
 from maml.experiment import Experiment, make_source
 from maml.tasks import TaskBatch
 
@@ -34,12 +35,19 @@ def sample_tasks(exp: Experiment, per_shot: int, seed: int) -> list[TaskBatch]:
     other = 5 if cfg.k_shot != 5 else 1
     tasks = []
     for k, offset in ((cfg.k_shot, 0), (other, 1)):
-        source = exp.source if k == cfg.k_shot else make_source(
-            dataclasses.replace(cfg, k_shot=k), exp.split)[0]
+        source = exp.source if k == cfg.k_shot else _source_with_shots(exp, k)
         batch = source.sample(per_shot, torch.Generator().manual_seed(seed + offset), "test")
         batch = batch.to("cpu", torch.float32)
         tasks += [batch.task(i) for i in range(len(batch))]
     return tasks
+
+
+def _source_with_shots(exp: Experiment, k: int):
+    """The run's task source at `k` shots (fewer queries if the data set has too few examples)."""
+    try:
+        return make_source(dataclasses.replace(exp.cfg, k_shot=k), exp.split)[0]
+    except UsageError:  # e.g. Omniglot's 20 drawings per character
+        return make_source(dataclasses.replace(exp.cfg, k_shot=k, q_query=1), exp.split)[0]
 
 
 def reference(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop,

@@ -7,9 +7,10 @@ and step count: a 5-way 1-shot Omniglot test task with 75 queries, adapted and p
 - eager PyTorch: `maml.adaptation.adapt` with `torch.autograd.grad`, then the query forward;
 - `higher`: `maml.higher_engine.adapt_predict` (the training-time engine);
 - the exported TorchScript, `.pt2` and ONNX (onnxruntime) `adapt_predict` files.
-Each cell is the median of `--repeats` runs after `--warmup` runs. The weights come from a
-1-iteration checkpoint (latency does not depend on them). Prints a markdown table and writes
-`benchmarks/adapt_latency.json`. Runs on CPU (and on CUDA for the torch paths when available).
+Each cell is the median of `--repeats` runs after `--warmup` runs, the engines measured
+round-robin so that load from other processes on a shared CPU hits them alike. The weights
+come from a 1-iteration checkpoint (latency does not depend on them). Prints a markdown table
+and writes `benchmarks/adapt_latency.json`. CPU only.
 """
 
 from __future__ import annotations
@@ -41,23 +42,28 @@ from maml.higher_engine import adapt_predict  # noqa: E402
 ENGINES = ("eager", "higher", "torchscript", "pt2", "onnxruntime")
 
 
-def median_ms(fn, warmup: int, repeats: int) -> float:
+def interleaved_ms(fns: dict, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Milliseconds per call of each function, measured round-robin (one call of each per
+    round) so that a noisy, shared CPU slows every engine alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return times
 
 
 def bench_model(model: str, steps_list: list[int], folder: Path, warmup: int, repeats: int,
                 data_root: str) -> list[dict]:
     ckpt = folder / f"{model}.pt"
-    assert maml_main(["train", "--dataset", "omniglot", "--model", model, "--iterations", "1",
-                      "--meta-batch-size", "1", "--val-tasks", "1", "--q-query", "15",
-                      "--data-root", data_root, "--checkpoint", str(ckpt), "--quiet"]) == 0
+    if not ckpt.is_file():
+        assert maml_main(["train", "--dataset", "omniglot", "--model", model, "--iterations",
+                          "1", "--meta-batch-size", "1", "--val-tasks", "1", "--q-query", "15",
+                          "--data-root", data_root, "--checkpoint", str(ckpt), "--quiet"]) == 0
     exp = restore(checkpoint.load(ckpt), str(ckpt), "cpu")
     batch = exp.source.sample(1, torch.Generator().manual_seed(0), "test")
     sx, sy, qx = batch.support_x[0], batch.support_y[0], batch.query_x[0]
@@ -67,9 +73,10 @@ def bench_model(model: str, steps_list: list[int], folder: Path, warmup: int, re
     rows = []
     for steps in steps_list:
         out = folder / f"{model}-{steps}"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            export_checkpoint(str(ckpt), str(out), steps=steps, tasks=1, log=lambda s: None)
+        if not (out / "adapter.json").is_file():  # reuse the adapters of an earlier run
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                export_checkpoint(str(ckpt), str(out), steps=steps, tasks=1, log=lambda s: None)
         table = step_size_table(steps, len(params), exp.cfg.inner_lr)
         inner = exp.cfg.inner_loop(steps)
 
@@ -98,14 +105,15 @@ def bench_model(model: str, steps_list: list[int], folder: Path, warmup: int, re
         fns = {"eager": eager, "higher": higher_engine, "torchscript": no_grad(ts),
                "pt2": no_grad(pt2), "onnxruntime": lambda s=session, f=feeds: s.run(None, f)}
         reference = higher_engine().numpy()[0]
-        row = {"model": model, "steps": steps, "ms": {}, "max_abs_diff": {}}
+        row = {"model": model, "steps": steps, "ms": {}, "min_ms": {}, "max_abs_diff": {}}
         for name, fn in fns.items():
             result = fn()
             result = result[0] if isinstance(result, list) else result
             result = result.detach().numpy() if isinstance(result, torch.Tensor) else result
             result = result[0] if result.ndim == 3 else result
             row["max_abs_diff"][name] = float(np.abs(result - reference).max())
-            row["ms"][name] = median_ms(fn, warmup, repeats)
+        for name, times in interleaved_ms(fns, warmup, repeats).items():
+            row["ms"][name], row["min_ms"][name] = statistics.median(times), min(times)
         rows.append(row)
         print(markdown_row(row), flush=True)
     return rows
@@ -129,6 +137,9 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--data-root", default="../shared/data/omniglot")
     p.add_argument("--out", default="benchmarks/adapt_latency.json")
+    p.add_argument("--work", default=None,
+                   help="folder for the checkpoints and adapters, reused if present "
+                        "(default: a temporary folder)")
     args = p.parse_args()
     steps = [int(s) for s in args.steps.split(",")]
     print(f"5-way 1-shot Omniglot, 75 queries, adapt+predict, median of {args.repeats} after "
@@ -137,9 +148,10 @@ def main() -> int:
     print(header())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         for model in args.models.split(","):
-            rows += bench_model(model, steps, Path(tmp), args.warmup, args.repeats,
-                                args.data_root)
+            rows += bench_model(model, steps, work, args.warmup, args.repeats, args.data_root)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({

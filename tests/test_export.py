@@ -47,23 +47,26 @@ def export(ckpt: Path, out: Path, **kwargs) -> dict:
 
 
 OMNIGLOT = ["--dataset", "omniglot", "--iterations", "1", "--meta-batch-size", "1"]
+# name: (train arguments, export keyword arguments). Conv nets are narrow and 2 blocks deep to
+# keep the suite fast (the odd-size max-pool crop of deeper nets is covered by
+# test_export_decompositions). The exporter's own verification runs for two cases; the tests
+# below check parity of every case independently.
 CASES = {
-    # name: (train arguments, export keyword arguments)
-    "mlp-1step": (["--iterations", "2"], {"steps": 1}),
+    "mlp-1step": (["--iterations", "2"], {"steps": 1, "check": True}),
     "mlp-5step-learned": (["--iterations", "2", "--learn-inner-lr", "--inner-steps", "2"],
-                          {"steps": 5}),
+                          {"steps": 5, "check": False}),
     "user-module-5step-learned": (
         ["--iterations", "2", "--learn-inner-lr", "--inner-steps", "5",
-         "--model", "tests.export_models:layernorm_gelu_mlp"], {"steps": 5}),
+         "--model", "tests.export_models:layernorm_gelu_mlp"], {"steps": 5, "check": False}),
     "cnn-1step-learned": (
-        [*OMNIGLOT, "--model", "cnn", "--model-kwargs", '{"hidden": 8}', "--learn-inner-lr"],
-        {"steps": 1}),
+        [*OMNIGLOT, "--model", "cnn", "--model-kwargs", '{"hidden": 8, "blocks": 2}',
+         "--learn-inner-lr"], {"steps": 1, "check": True}),
     "maxpool-5step": (
-        [*OMNIGLOT, "--model", "maxpool", "--model-kwargs", '{"hidden": 4, "blocks": 3}'],
-        {"steps": 5}),
+        [*OMNIGLOT, "--model", "maxpool", "--model-kwargs", '{"hidden": 4, "blocks": 2}'],
+        {"steps": 5, "check": False}),
     "convnet-1step": (
         [*OMNIGLOT, "--model", "convnet", "--model-kwargs", '{"hidden": 4, "blocks": 2}'],
-        {"steps": 1}),
+        {"steps": 1, "check": False}),
 }
 
 
@@ -151,8 +154,10 @@ def test_adapter_json_follows_the_contract(exported):
             digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
             assert info["sha256"][name] == digest, (fmt, name)
     assert sorted(p.name for p in folder.iterdir()) == sorted(["adapter.json", *info["sha256"]])
-    assert info["verification"]["passed"]
-    assert max(info["verification"]["max_abs_diff"].values()) <= TOLERANCE
+    if info["verification"] is not None:  # the exporter's own check, on its own tasks
+        assert info["verification"]["passed"] and info["verification"]["tasks"] == 4
+        assert set(info["verification"]["max_abs_diff"]) == set(info["files"])
+        assert max(info["verification"]["max_abs_diff"].values()) <= TOLERANCE
     model = onnx.load(str(folder / "adapt.onnx"))
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["steps"]) == steps and json.loads(meta["loss"]) == info["loss"]

@@ -73,6 +73,13 @@ def test_bad_formats(tmp_path, sinusoid_ckpt, capsys):
     assert code == 2 and "tflite" in line and "onnx,torchscript,pt2" in line
 
 
+def test_zero_steps_is_refused(tmp_path, sinusoid_ckpt, capsys):
+    code, line = run_main(capsys, "--checkpoint", str(sinusoid_ckpt), "--out",
+                          str(tmp_path / "a"), "--steps", "0")
+    assert code == 2 and line.startswith("error: --steps must be >= 1, got 0")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_verification_failure_leaves_nothing(tmp_path, sinusoid_ckpt, capsys, monkeypatch):
     """A gradient bug of the kind onnxscript's nll_loss_forward causes (gradients N times too
     large) must stop the export with the measured difference."""
