@@ -16,10 +16,11 @@ from maml.errors import UsageError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--adapter", required=True, help="export directory (python -m export --out)")
     p.add_argument("--backend", choices=("onnx", "torchscript"), default="onnx")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--max-tasks", type=int, default=256, help="adapted tasks kept at most")
     p.add_argument("--task-ttl", type=float, default=600.0,

@@ -186,6 +186,7 @@ def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
     pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="serve")
     limit = settings.max_body_bytes
     meta = adapter.metadata
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield

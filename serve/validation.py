@@ -28,7 +28,8 @@ class Limits:
 
     def __post_init__(self) -> None:
         if self.max_support < 1 or self.max_query < 1:
-            raise UsageError("the support and query limits must be at least 1")
+            raise UsageError("max_support and max_query (--max-support, --max-query) must be "
+                             "at least 1")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,13 @@ import serve
 from maml.errors import UsageError
 
 
+def initial_weights(exported) -> dict[str, np.ndarray]:
+    from maml import checkpoint
+
+    state = checkpoint.load(exported.checkpoint)
+    return {k: v.numpy() for k, v in state["model"]["state_dict"].items()}
+
+
 @pytest.mark.parametrize("backend", ["onnx", "torchscript"])
 def test_backends_match_the_reference(exported, backend):
     adapter = serve.load(exported.directory, backend)
@@ -29,10 +36,14 @@ def test_backends_match_the_reference(exported, backend):
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
         both = adapter.adapt_predict(task["support_x"], task["support_y"], task["query_x"])
         np.testing.assert_allclose(both, expected, atol=1e-4, rtol=0)
-        # adaptation moved the weights: the outputs are not those of the initial weights
+        # the task holds fine-tuned weights: the checkpoint's, moved by the support set
+        init = initial_weights(exported)
         assert len(adapted.parameters) == len(exported.meta["parameters"])
         for p, spec in zip(adapted.parameters, exported.meta["parameters"], strict=True):
             assert list(p.shape) == spec["shape"]
+        assert any(not np.allclose(p, init[spec["name"]])
+                   for p, spec in zip(adapted.parameters, exported.meta["parameters"],
+                                      strict=True))
 
 
 def test_inputs_from_lists_and_a_task_predicts_many_query_sets(sine):
