@@ -23,4 +23,4 @@ state.pop("format")
 state["optimizer"] = None
 checkpoint.save(sys.argv[2], state)
 PY
-rm -f "$FULL" "${FULL%.pt}.metrics.jsonl"
+rm -f "$FULL" "${FULL%.pt}.best.pt" "${FULL%.pt}.metrics.jsonl"

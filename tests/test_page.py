@@ -253,8 +253,9 @@ def browser_run(drawings, adapter_dir, service, tmp_path_factory):
     return {"meta": meta, "rounds": rounds, "out": out, "tmp": tmp, "screenshot": shot}
 
 
-def check_round(sent: dict, seen: dict, runtime, n: int, atol: float) -> int:
-    """Assert the page's inputs and prediction are the Python runtime's; the class shown."""
+def check_round(sent: dict, seen: dict, runtime, n: int, atol: float) -> tuple[int, float]:
+    """Assert the page's inputs and prediction are the Python runtime's; the class shown and
+    the largest logit difference."""
     assert seen["shown"]["error"] is None, seen["shown"]
     # the page recorded the replayed pen positions (to the screen's pixel grid)
     for want, got in zip([*sent["pads"], sent["query"]],
@@ -268,14 +269,15 @@ def check_round(sent: dict, seen: dict, runtime, n: int, atol: float) -> int:
     assert np.abs(np.reshape(seen["support"], support.shape) - support).max() <= 1e-6
     assert np.abs(np.reshape(seen["prediction"]["input"], query.shape) - query).max() <= 1e-6
     # and its prediction is the Python runtime's for the same batch (query, then examples)
-    # (onnxruntime-web's WebAssembly kernels sum in another order than onnxruntime's; three SGD
-    # steps through batch norm grow that float32 rounding to about 1e-3 in the logits)
+    # (onnxruntime-web's WebAssembly kernels round differently from onnxruntime's: on most tasks
+    # the logits agree to 1e-6, on a few the three SGD steps grow that to about 1e-3; measured
+    # on the same inputs, so it is the runtimes, not the page)
     logits = runtime.adapt(support, np.arange(n)).predict(np.concatenate([query, support]))
     np.testing.assert_allclose(seen["prediction"]["logits"], logits[0], atol=atol)
     shown = int(seen["shown"]["class"])
     assert shown == seen["prediction"]["class"] == int(logits[0].argmax())
     assert seen["shown"]["text"].startswith(f"class {shown + 1} ")
-    return shown
+    return shown, float(np.abs(np.array(seen["prediction"]["logits"]) - logits[0]).max())
 
 
 def test_the_page_adapts_in_the_browser_and_recognises_drawings(browser_run, adapter_dir):
@@ -285,11 +287,13 @@ def test_the_page_adapts_in_the_browser_and_recognises_drawings(browser_run, ada
     assert out["backend"] == "browser", out["status"]
     assert "onnxruntime-web" in out["status"]
     runtime = serve.load(adapter_dir)
-    right = 0
+    right, diffs = 0, []
     for sent, seen in zip(rounds, out["rounds"], strict=True):
         assert seen["pointerTypes"] == ["mouse"]
-        shown = check_round(sent, seen, runtime, browser_run["meta"]["n_way"], atol=1e-2)
+        shown, diff = check_round(sent, seen, runtime, browser_run["meta"]["n_way"], atol=1e-2)
         right += shown == sent["answer"]
+        diffs.append(diff)
+    assert np.median(diffs) <= 1e-5, diffs
     assert right >= 0.6 * len(rounds), f"{right} of {len(rounds)} rounds right"
 
 
