@@ -235,11 +235,16 @@ def make_rounds(drawings, test_chars: list[int], n_way: int, count: int) -> list
 
 
 @pytest.fixture(scope="module")
-def browser_run(drawings, adapter_dir, service, tmp_path_factory):
-    """Eight rounds on the page, then 20 more learn/predict rounds on the last drawings."""
+def browser() -> None:
+    """Skip (before exporting anything) where there is no browser to drive."""
     missing = browser_missing()
     if missing:
         pytest.skip(f"no browser to test the page in: {missing}")
+
+
+@pytest.fixture(scope="module")
+def browser_run(browser, drawings, adapter_dir, service, tmp_path_factory):
+    """Eight rounds on the page, then 20 more learn/predict rounds on the last drawings."""
     import torch
 
     meta = json.loads((adapter_dir / "adapter.json").read_text())
