@@ -41,6 +41,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Mount
+from starlette.types import Scope
 
 from maml.errors import UsageError
 from serve.adapter import Adapter, Task, softmax
@@ -179,6 +181,16 @@ def prediction_body(adapter: Adapter, outputs: np.ndarray) -> dict[str, Any]:
     return {"predictions": outputs.tolist()}
 
 
+class PageMount(Mount):
+    """The page's static files at `/`, leaving `/v1/...` to the API: a wrong method on an API
+    path stays a 405 (a mount at `/` would otherwise match it in full and answer 404)."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            return Match.NONE, {}
+        return super().matches(scope)
+
+
 def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
     """The FastAPI application serving `adapter`."""
     settings = settings or Settings()
@@ -312,7 +324,8 @@ def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
     if (static / "index.html").is_file():
         from fastapi.staticfiles import StaticFiles
 
-        app.mount("/", StaticFiles(directory=static, html=True), name="static")
+        app.router.routes.append(PageMount("/", StaticFiles(directory=static, html=True),
+                                           name="static"))
     else:
 
         @app.get("/")
