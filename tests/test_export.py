@@ -70,7 +70,11 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+SLOW = {"maxpool-5step"}  # the largest graph (5 unrolled conv + max-pool backward passes)
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param(name, marks=[pytest.mark.slow] if name in SLOW else []) for name in CASES])
 def exported(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     train_args, export_kwargs = CASES[request.param]
