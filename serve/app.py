@@ -6,6 +6,7 @@
     POST   /v1/tasks/{id}/predict   query set in; predictions (and class probabilities) out
     DELETE /v1/tasks/{id}           forget an adapted task
     POST   /v1/predict              stateless: support and query sets in one request
+    GET    /v1/adapter/files/{name} adapter.json and the ONNX files (the page adapts in-browser)
     GET    /                        a static page from `static_dir` when there is one
                                     (the hook for a drawing page), else a JSON index
 
@@ -40,6 +41,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Mount
+from starlette.types import Scope
 
 from maml.errors import UsageError
 from serve.adapter import Adapter, Task, softmax
@@ -178,6 +181,16 @@ def prediction_body(adapter: Adapter, outputs: np.ndarray) -> dict[str, Any]:
     return {"predictions": outputs.tolist()}
 
 
+class PageMount(Mount):
+    """The page's static files at `/`, leaving `/v1/...` to the API: a wrong method on an API
+    path stays a 405 (a mount at `/` would otherwise match it in full and answer 404)."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            return Match.NONE, {}
+        return super().matches(scope)
+
+
 def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
     """The FastAPI application serving `adapter`."""
     settings = settings or Settings()
@@ -296,11 +309,23 @@ def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
 
         return JSONResponse(await in_pool(run))
 
+    @app.get("/v1/adapter/files/{name}", responses={404: {"model": ErrorBody}})
+    async def adapter_file(name: str) -> Response:
+        """A file of the export (`adapter.json` or one of its ONNX files), read-only, for the
+        drawing page, which adapts in the browser."""
+        from fastapi.responses import FileResponse
+
+        if name not in ("adapter.json", *meta.get("files", {}).get("onnx", {}).values()):
+            raise ApiError(404, f"no adapter file {name!r}; the service offers adapter.json and "
+                                "the files listed under files.onnx in it")
+        return FileResponse(Path(adapter.directory) / name, headers={"cache-control": "no-cache"})
+
     static = settings.static_dir or STATIC_DIR
     if (static / "index.html").is_file():
         from fastapi.staticfiles import StaticFiles
 
-        app.mount("/", StaticFiles(directory=static, html=True), name="static")
+        app.router.routes.append(PageMount("/", StaticFiles(directory=static, html=True),
+                                           name="static"))
     else:
 
         @app.get("/")
