@@ -116,6 +116,7 @@ def train(
     log = where["metrics"].open("a" if resume else "w") if main else None
 
     def snapshot(iteration: int) -> dict[str, Any]:
+        metrics["engine"] = getattr(engine, "name", None) or metrics.get("engine")  # as resolved
         return {
             "config": cfg.to_dict(),
             "model": {"spec": exp.model_spec, "kwargs": exp.model_kwargs,
@@ -190,6 +191,6 @@ def train(
         bar.close()
         if log is not None:
             log.close()
-    return {**metrics, "iterations": done,
+    return {**metrics, "iterations": done, "engine": getattr(engine, "name", None),
             "target_iterations": cfg.iterations, "checkpoint": str(where["latest"]),
             "seconds": time.perf_counter() - t0}
