@@ -12,7 +12,7 @@ echo "== meta-train: sinusoid, $ITERATIONS iterations =="
 $PY -m maml train --dataset sinusoid --iterations "$ITERATIONS" --checkpoint "$OUT/sinusoid.pt" \
   --val-every 500 --log-every 100
 echo "== evaluate on 600 new tasks (5-shot, 10 steps) =="
-$PY -m maml eval --checkpoint "$OUT/sinusoid.pt" --tasks 600 --quiet
+$PY -m maml eval --checkpoint "$OUT/sinusoid.pt" --tasks 600 --k-shot 5 --quiet
 echo "== export: the meta-learned init + 10 SGD steps as ONNX, checked against the inner loop =="
 $PY -m export --checkpoint "$OUT/sinusoid.pt" --out "$OUT/adapter" --formats onnx --tasks 2
 echo "== adapt the ONNX adapter to a new sinusoid (onnxruntime + numpy, no torch) =="
