@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from maml.errors import UsageError
+from maml.errors import exit_status
 
 
 def parser() -> argparse.ArgumentParser:
@@ -34,15 +34,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        from export.build import export_checkpoint
+    from export.build import export_checkpoint
 
-        export_checkpoint(args.checkpoint, args.out, args.steps, args.inner_lr, args.formats,
-                          not args.no_verify, args.tasks, args.seed)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: export_checkpoint(
+        args.checkpoint, args.out, args.steps, args.inner_lr, args.formats, not args.no_verify,
+        args.tasks, args.seed))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import Any
 import fire
 import torch
 
-from maml.errors import UsageError
+from maml.errors import UsageError, exit_status
 
 
 def _kwargs(value: Any) -> dict[str, Any]:
@@ -188,12 +188,7 @@ class CLI:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        fire.Fire(CLI, command=argv, name="python -m maml")
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: fire.Fire(CLI, command=argv, name="python -m maml"))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,18 @@
-"""The one error type the command line turns into a one-line message and exit status 2."""
+"""The one error type the command lines turn into a one-line message and exit status 2."""
+
+import sys
+from collections.abc import Callable
 
 
 class UsageError(Exception):
     """Bad input from the user: the message names the problem and, where there is one, the fix."""
+
+
+def exit_status(run: Callable[[], object]) -> int:
+    """Run a command; a `UsageError` becomes `error: ...` on standard error and status 2."""
+    try:
+        run()
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

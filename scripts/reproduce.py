@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from maml import checkpoint  # noqa: E402
 from maml.config import Config  # noqa: E402
 from maml.curves import plot_curves  # noqa: E402
-from maml.errors import UsageError  # noqa: E402
+from maml.errors import exit_status  # noqa: E402
 from maml.evaluate import eval_batches, evaluate, summary  # noqa: E402
 from maml.experiment import restore  # noqa: E402
 from maml.train import paths, select_engine, train  # noqa: E402
@@ -214,12 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.benchmark is None:
         p.error("name a benchmark, or pass --table")
-    try:
-        run(args.benchmark, args)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: run(args.benchmark, args))
 
 
 if __name__ == "__main__":
