@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from export.inputs import check_task  # noqa: E402  (numpy only)
+from serve.validation import Limits, Signature, check_query, check_support  # noqa: E402  (numpy only)
 
 REFERENCE = """
 import json, sys, numpy as np, torch
@@ -61,7 +61,9 @@ def main() -> int:
     shots = args.shots or info["data"]["k_shot"]
     sx, sy, qx, qy, amplitude, phase = sinusoid_task(np.random.default_rng(args.seed), shots,
                                                      args.queries)
-    check_task(info, sx, sy, qx)
+    sig = Signature.from_metadata(info)  # the checks every runtime makes (serve.validation)
+    sx, sy = check_support(sx, sy, sig, Limits())
+    qx = check_query(qx, sig, Limits())
     files = info["files"]["onnx"]
     adapt = ort.InferenceSession(str(folder / files["adapt"]))
     predict = ort.InferenceSession(str(folder / files["predict"]))
