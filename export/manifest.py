@@ -59,6 +59,10 @@ def facts(
         from maml.images import PREPROCESSING
 
         preprocessing = dict(PREPROCESSING)
+        if cfg.dataset == "omniglot":  # drawn input (the page): how pen strokes become images
+            from maml.strokes import RASTERISATION
+
+            preprocessing["strokes"] = dict(RASTERISATION)
     return {
         "format": FORMAT,
         "task": "classification" if classification else "regression",

@@ -28,6 +28,7 @@ from maml.__main__ import main as maml_main
 from maml.adaptation import InnerLoop
 from maml.experiment import make_source, restore
 from maml.higher_engine import adapt_predict
+from maml.strokes import RASTERISATION
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
@@ -150,6 +151,7 @@ def test_adapter_json_follows_the_contract(exported):
         assert info["task"] == "classification" and info["n_way"] == exp.cfg.n_way
         assert info["input"]["shape"] == [1, 28, 28] and info["target"]["dtype"] == "int64"
         assert info["preprocessing"]["size"] == 28
+        assert info["preprocessing"]["strokes"] == RASTERISATION  # what the drawing page draws with
     else:
         assert info["task"] == "regression" and info["n_way"] is None
         assert info["target"] == {"shape": [1], "dtype": "float32"}

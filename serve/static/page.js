@@ -13,6 +13,8 @@ import { CANVAS, PEN_RADIUS, boxResize, inkStrokePoint } from './strokes.js';
 const ORT_DIR = new URL('vendor/onnxruntime-web/', location.href).href;
 const SIZE = 28;
 const PIXELS = SIZE * SIZE;
+// Pen radius of the adapter's recorded rasterisation (adapter.json preprocessing.strokes).
+let penRadius = PEN_RADIUS;
 const $ = (id) => document.getElementById(id);
 
 // One drawing surface: records strokes in 105x105 image space and shows the binary bitmap the
@@ -63,7 +65,7 @@ class Pad {
   add(e) {
     const stroke = this.strokes[this.strokes.length - 1];
     stroke.push(this.point(e));
-    inkStrokePoint(this.bitmap, stroke, stroke.length - 1);
+    inkStrokePoint(this.bitmap, stroke, stroke.length - 1, CANVAS, penRadius);
   }
 
   down(e) {
@@ -296,6 +298,16 @@ async function main() {
     throw new Error(`this adapter (${meta.task}, input ${JSON.stringify(meta.input.shape)}) is ` +
                     'not a 28x28 ink image classifier; the drawing page needs one (Omniglot)');
   }
+  // How strokes become images was recorded at export (maml.strokes.RASTERISATION); older
+  // adapters without the record were trained for this page's defaults.
+  const pen = pre.strokes || { canvas: CANVAS, pen_radius: PEN_RADIUS };
+  if (pen.canvas !== CANVAS || !(pen.pen_radius > 0)) {
+    throw new Error(`this adapter rasterises strokes on a ${pen.canvas}x${pen.canvas} canvas with ` +
+                    `pen radius ${pen.pen_radius}; this page draws on ${CANVAS}x${CANVAS}: ` +
+                    'export an adapter trained on Omniglot-sized strokes');
+  }
+  penRadius = pen.pen_radius;
+  $('pen').textContent = String(penRadius);
   const n = meta.n_way;
 
   const showResult = (probabilities) => {
@@ -406,7 +418,7 @@ async function main() {
   $('where').textContent = state.backend.description;
   $('learn').disabled = false;
   document.body.dataset.ready = state.backend.kind;
-  api.pen = { canvas: CANVAS, radius: PEN_RADIUS };
+  api.pen = { canvas: CANVAS, radius: penRadius };
 }
 
 main().catch((err) => {
