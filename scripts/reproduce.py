@@ -5,7 +5,8 @@
     python scripts/reproduce.py --table                         # README table from the results
 
 Each run trains (resuming `OUT/<name>/model.pt` when it exists, so slots of a few minutes add
-up to one run), evaluates on 600 meta-test tasks with a 95% confidence interval, exports the
+up to one run), evaluates on 600 meta-test tasks with a 95% confidence interval (the last
+weights, as the paper does; `--weights best`: those best on the validation tasks), exports the
 adapter as ONNX, evaluates the ONNX adapter with onnxruntime on exactly the same 600 tasks (the
 two must agree), and writes `OUT/<name>/result.json` and the learning curves
 `OUT/<name>/curves.png`. A run that stopped before the protocol's iterations is marked partial.
@@ -122,8 +123,16 @@ def run(name: str, args: argparse.Namespace) -> dict:
     }
     engine = select_engine(run_cfg.engine)
     result["engine"] = state["metrics"].get("engine") or run_cfg.engine  # as auto resolved it
+    # model selection on the validation tasks (never the meta-test tasks evaluated below)
+    best = paths(ckpt)["best"]
+    chosen = best if args.weights == "best" and best.is_file() else ckpt
+    state = checkpoint.load(chosen, args.device)
+    result["weights"] = {"chosen": "best" if chosen == best else "final",
+                         "iteration": state["iteration"]}
+    print(f"  evaluating the {result['weights']['chosen']} weights "
+          f"(iteration {state['iteration']} of {result['iterations']})")
     for k_shot, steps in bench["evals"]:
-        exp = restore({**state, "config": {**state["config"], "k_shot": k_shot}}, str(ckpt),
+        exp = restore({**state, "config": {**state["config"], "k_shot": k_shot}}, str(chosen),
                       args.device)
         gen = torch.Generator().manual_seed(EVAL_SEED)
         r = evaluate(exp.model, exp.inner_lrs, exp.source, exp.cfg.inner_loop(steps), args.tasks,
@@ -136,7 +145,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
         result["evaluations"].append(row)
     first = result["evaluations"][0]
     if not args.skip_onnx:
-        onnx = onnx_check(ckpt, folder / "adapter", first["k_shot"], first["steps"], args.tasks,
+        onnx = onnx_check(chosen, folder / "adapter", first["k_shot"], first["steps"], args.tasks,
                           first["per_task"])
         scale = 100.0 if first["metric"] == "accuracy" else 1.0
         onnx.update(mean=onnx["mean"] * scale, ci95=onnx["ci95"] * scale)
@@ -186,6 +195,9 @@ def table(out: Path) -> str:
                 o = r["onnx"]
                 onnx = f"{o['mean']:.2f} ({o['tasks_equal']}/{o['tasks']} tasks equal)"
             its = f"{r['iterations']}/{r['target_iterations']}" + ("" if r["complete"] else " (partial)")
+            weights = r.get("weights", {"chosen": "final"})
+            if weights["chosen"] == "best":
+                its += f", best at {weights['iteration']}"
             secs = r.get("training_seconds") or 0
             lines.append(f"| {name} | {label} | {shown} | {row['mean']:.2f} +- {row['ci95']:.2f} | "
                          f"{onnx} | {its} | {secs / 60:.1f} min | {r['engine']} | {r['machine']} |")
@@ -206,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-onnx", action="store_true")
+    p.add_argument("--weights", choices=["final", "best"], default="final",
+                   help="evaluate the last weights (the paper's protocol) or those best on the "
+                        "validation tasks")
     p.add_argument("--table", action="store_true", help="print the results table and exit")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)

@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_sinusoid_reproduction_end_to_end(tmp_path):
     cmd = [sys.executable, "scripts/reproduce.py", "sinusoid", "--iterations", "60", "--tasks",
-           "30", "--val-every", "30", "--log-every", "10", "--out", str(tmp_path), "--quiet"]
+           "30", "--val-every", "30", "--log-every", "10", "--out", str(tmp_path), "--quiet",
+           "--weights", "best"]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "sinusoid" / "result.json").read_text())
@@ -18,6 +19,8 @@ def test_sinusoid_reproduction_end_to_end(tmp_path):
     assert [(e["k_shot"], e["steps"]) for e in result["evaluations"]] == [
         (5, 1), (5, 5), (5, 10), (10, 1), (10, 5), (10, 10)]
     first = result["evaluations"][0]
+    # evaluated with the weights best on the validation tasks (validations at 30 and 60)
+    assert result["weights"]["chosen"] == "best" and result["weights"]["iteration"] in (30, 60)
     # the exported ONNX adapter, run by onnxruntime on the same 30 tasks, agrees task by task
     assert result["onnx"]["tasks_equal"] == 30 and result["onnx"]["max_task_diff"] < 1e-4
     assert abs(result["onnx"]["mean"] - first["mean"]) < 1e-4
