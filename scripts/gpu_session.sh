@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check of issues #5 and #7 in one command, sized for a 15-minute lease with room to
-# rerun (about 7 minutes). Run on the device machine over a working tree that carries .gpu/
+# rerun (about 6.5 minutes). Run on the device machine over a working tree that carries .gpu/
 # (made by scripts/gpu_prepare.sh). Writes at most 8 flat files to $OUT (the device tool's
 # limit): the two benchmark JSONs, the log, and the time-to-accuracy run's result, curves,
 # metrics and checkpoint (bring the checkpoint back to benchmarks/gpu/resume/ to continue it).
@@ -20,8 +20,9 @@ LOG="$OUT/session.log"
 exec > >(tee -a "$LOG") 2>&1
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-BENCH_S=${BENCH_S:-150}; BENCH2_S=${BENCH2_S:-90}; TRAIN_MIN=${TRAIN_MIN:-2.5}; REPRO_S=${REPRO_S:-300}
-ITERS=${ITERS:-20}
+# stage limits (seconds; together about 6.5 minutes, so one rerun still fits a 15-minute lease)
+BENCH_S=${BENCH_S:-150}; BENCH2_S=${BENCH2_S:-60}; TRAIN_MIN=${TRAIN_MIN:-1.5}; REPRO_S=${REPRO_S:-180}
+ITERS=${ITERS:-10}
 if [ -d .gpu/whl ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .gpu/whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
