@@ -3,7 +3,9 @@
 # rerun (about 6.5 minutes). Run on the device machine over a working tree that carries .gpu/
 # (made by scripts/gpu_prepare.sh). Writes at most 8 flat files to $OUT (the device tool's
 # limit): the two benchmark JSONs, the log, and the time-to-accuracy run's result, curves,
-# metrics and checkpoint (bring the checkpoint back to benchmarks/gpu/resume/ to continue it).
+# metrics and checkpoint. To continue that training in a later slot, copy the returned
+# omniglot-5w1s.model.pt and .model.metrics.jsonl into benchmarks/gpu/resume/ (`git add -f`
+# to keep them for a later session) and rerun gpu_prepare.sh.
 #   A. bench_train.py, CUDA rows only: 5-way 1-shot 32 tasks 1 step with torch.compile and CUDA
 #      graphs (the targets: >= 50x the loop, exact gradient, <= 1 GB auto-chunked), then
 #      the other settings without compile.
@@ -42,7 +44,9 @@ cp /tmp/bench2/*.json "$OUT/bench_train_other.json" 2>/dev/null
 
 echo "== B: omniglot-5w1s, batched engine, $TRAIN_MIN min of training =="
 RUN=/tmp/repro/omniglot-5w1s; mkdir -p "$RUN"
-if [ -f .gpu/resume/model.pt ]; then cp .gpu/resume/model.pt .gpu/resume/model.metrics.jsonl "$RUN/"; fi
+for f in model.pt model.metrics.jsonl; do  # an earlier slot, as this script returned it
+  if [ -f ".gpu/resume/omniglot-5w1s.$f" ]; then cp ".gpu/resume/omniglot-5w1s.$f" "$RUN/$f"; fi
+done
 timeout "$REPRO_S" $PY scripts/reproduce.py omniglot-5w1s --engine batched --minutes "$TRAIN_MIN" \
   --val-every 50 --log-every 10 --out /tmp/repro --data-root .gpu/data/omniglot --quiet \
   ${REPRO_ARGS:-}
