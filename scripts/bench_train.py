@@ -218,6 +218,9 @@ def main() -> None:
         path.write_text(json.dumps({"machine": machine, "args": vars(args), "results": results},
                                    indent=1))
 
+    unknown = [w for w in args.only.split(",") if w.strip() and not any(w.strip() in n for n in SETTINGS)]
+    if unknown:
+        parser.error(f"--only {unknown[0]!r} matches no setting; settings: {', '.join(SETTINGS)}")
     for device in devices:
         bench(device, args, results, save)
     print()
