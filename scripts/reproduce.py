@@ -188,7 +188,8 @@ def table(out: Path) -> str:
         r = json.loads(path.read_text())
         for row in r["evaluations"]:
             label = f"{row['k_shot']}-shot, {row['steps']} step{'s' * (row['steps'] > 1)}"
-            ref = next((v for k, v in paper.items() if k.startswith(label)), None)
+            key = next((k for k in paper if k.startswith(label)), None)
+            ref, label = (paper[key], key) if key else (None, label)  # keeps "(target, ...)"
             shown = "" if ref is None else f"{ref[0]}" + (f" +- {ref[1]}" if ref[1] else "")
             onnx = ""
             if "onnx" in r and row is r["evaluations"][0]:
