@@ -27,9 +27,9 @@ BENCH_S=${BENCH_S:-150}; BENCH2_S=${BENCH2_S:-60}; TRAIN_MIN=${TRAIN_MIN:-1.5}; 
 ITERS=${ITERS:-10}
 if [ -d .gpu/whl ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .gpu/whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+    --target /tmp/site .gpu/whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-export PYTHONPATH=${PYTHONPATH:-$PWD}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the repo's packages, from any script
 date; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $PY -c "import torch, higher, fire; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 

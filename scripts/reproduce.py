@@ -114,7 +114,8 @@ def run(name: str, args: argparse.Namespace) -> dict:
     complete = state["iteration"] >= run_cfg.iterations
     result = {
         "benchmark": name, "machine": machine(), "device": args.device,
-        "engine": run_cfg.engine, "iterations": state["iteration"],
+        # the engine as auto resolved it (recorded by train), else as configured
+        "engine": state["metrics"].get("engine") or run_cfg.engine, "iterations": state["iteration"],
         "target_iterations": run_cfg.iterations, "complete": complete,
         "minutes_capped": args.minutes is not None,
         "training_seconds": state["metrics"].get("seconds"), "this_slot_seconds": wall,
@@ -122,11 +123,11 @@ def run(name: str, args: argparse.Namespace) -> dict:
         "evaluations": [], "torch": str(torch.__version__),
     }
     engine = select_engine(run_cfg.engine)
-    result["engine"] = state["metrics"].get("engine") or run_cfg.engine  # as auto resolved it
     # model selection on the validation tasks (never the meta-test tasks evaluated below)
     best = paths(ckpt)["best"]
     chosen = best if args.weights == "best" and best.is_file() else ckpt
-    state = checkpoint.load(chosen, args.device)
+    if chosen != ckpt:
+        state = checkpoint.load(chosen, args.device)
     result["weights"] = {"chosen": "best" if chosen == best else "final",
                          "iteration": state["iteration"]}
     print(f"  evaluating the {result['weights']['chosen']} weights "
@@ -179,7 +180,7 @@ def table(out: Path) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, bench in BENCHMARKS.items():
         path = out / name / "result.json"
-        paper = {label: value for label, value in bench["paper"].items()}
+        paper = bench["paper"]
         if not path.is_file():
             for label, (mean, ci) in paper.items():
                 shown = f"{mean}" + (f" +- {ci}" if ci else "")
