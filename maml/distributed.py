@@ -161,8 +161,18 @@ def start(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Ranks, str
 
 
 def finish() -> None:
-    """Leave the process group after a clean run (a failed run just exits)."""
+    """Leave the process group after a clean run (a failed run just exits).
+
+    All ranks meet at a barrier first. Without it a rank that is done early (rank 1, while rank 0
+    still writes the last checkpoint) tears down its gloo connections while its last messages may
+    still be in flight to a busy peer; one CI run in many aborted that way at exit ("terminate
+    called without an active exception", SIGABRT, after the run itself had finished), which
+    torchrun reports as a failed run. See pytorch/gloo#155.
+    """
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            with contextlib.suppress(RuntimeError, dist.DistError):  # a peer gone at the end
+                dist.barrier()
         dist.destroy_process_group()
 
 
