@@ -41,7 +41,7 @@ def torchrun(n: int, *args: str, program: tuple[str, ...] = ("-m", "maml")) -> s
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *program, *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-1500:]}\nstderr:\n{done.stderr[-3000:]}"
     return done
 
 
