@@ -10,6 +10,8 @@ weights, as the paper does; `--weights best`: those best on the validation tasks
 adapter as ONNX, evaluates the ONNX adapter with onnxruntime on exactly the same 600 tasks (the
 two must agree), and writes `OUT/<name>/result.json` and the learning curves
 `OUT/<name>/curves.png`. A run that stopped before the protocol's iterations is marked partial.
+`--table` also draws the 5-way 1-shot variants that have run (second order, first order, learned
+step sizes) into one figure, `OUT/omniglot-5w1s-variants.png`.
 """
 
 from __future__ import annotations
@@ -206,6 +208,23 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
+VARIANTS = ["omniglot-5w1s", "omniglot-5w1s-first-order", "omniglot-5w1s-learned-lr"]
+
+
+def plot_variants(out: Path) -> Path | None:
+    """The 5-way 1-shot variants that have run, in one figure: second order against first order
+    and learned step sizes, per iteration and per training second. None if fewer than two ran."""
+    runs = {name: out / name / "model.metrics.jsonl" for name in VARIANTS}
+    runs = {name: path for name, path in runs.items() if path.is_file()}
+    if len(runs) < 2:
+        return None
+    machines = {json.loads((out / n / "result.json").read_text())["machine"]
+                for n in runs if (out / n / "result.json").is_file()}
+    where = ", ".join(sorted(machines)) or "unknown machine"
+    return plot_curves(runs, out / "omniglot-5w1s-variants.png",
+                       title=f"Omniglot 5-way 1-shot variants on {where}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("benchmark", nargs="?", choices=sorted(BENCHMARKS))
@@ -223,11 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", choices=["final", "best"], default="final",
                    help="evaluate the last weights (the paper's protocol) or those best on the "
                         "validation tasks")
-    p.add_argument("--table", action="store_true", help="print the results table and exit")
+    p.add_argument("--table", action="store_true",
+                   help="print the results table, draw the 5-way 1-shot variants, and exit")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.table:
         print(table(Path(args.out)))
+        figure = plot_variants(Path(args.out))
+        if figure is not None:
+            print(f"\nwrote {figure}", file=sys.stderr)
         return 0
     if args.benchmark is None:
         p.error("name a benchmark, or pass --table")

@@ -33,3 +33,19 @@ def test_sinusoid_reproduction_end_to_end(tmp_path):
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert "| sinusoid | 5-shot, 10 steps | 0.35 |" in table.stdout
     assert "| omniglot-5w1s | 1-shot, 3 steps | 98.7 +- 0.4 | not run yet |" in table.stdout
+    assert not (tmp_path / "omniglot-5w1s-variants.png").exists()  # no 5-way 1-shot run here
+
+
+def test_table_draws_the_5w1s_variants_that_ran(tmp_path):
+    """Two of the three variants have metrics: one figure with both, named after the machine."""
+    for name, rate in (("omniglot-5w1s", 1e-3), ("omniglot-5w1s-first-order", 2e-3)):
+        (tmp_path / name).mkdir()
+        lines = [{"iteration": i, "seconds": i * rate * 500, "loss": 1 / i, "accuracy": 0.9,
+                  **({"val_accuracy": 0.5 + i * rate} if i % 10 == 0 else {})} for i in range(1, 41)]
+        (tmp_path / name / "model.metrics.jsonl").write_text(
+            "".join(json.dumps(line) + "\n" for line in lines))
+    done = subprocess.run([sys.executable, "scripts/reproduce.py", "--table", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    png = tmp_path / "omniglot-5w1s-variants.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in done.stderr
