@@ -2,14 +2,20 @@
 
 The reference is `maml.higher_engine.adapt_predict` (the engine meta-training and `maml eval`
 use) on the same checkpoint and tasks. Each format is loaded back from disk, as a consumer would
-load it, and run both as `adapt_predict` and as `predict(adapt(...))`. Passing means a max abs
-difference of at most `TOLERANCE` and, for classification, identical argmax on every query.
+load it, and run both as `adapt_predict` and as `predict(adapt(...))`. Passing means, on every
+task, a max abs difference of at most `TOLERANCE` or, where the task is ill-conditioned, at most
+twice the reference's own float32 error (its distance to the same inner loop in float64), and,
+for classification, identical argmax on every query. Why the second clause: both sides compute
+the same float64 quantity in float32, and on some tasks 5 SGD steps amplify rounding (a 20-way
+Omniglot run's reference was 2.8e-3 away from float64 on one task, while the ONNX adapter was
+1.25e-4 from the reference); a fixed absolute bound would refuse a correct export there.
 The tasks come from the run's test split with two support sizes (the run's shot count and
 another), which also checks that the files accept a varying number of examples.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +62,15 @@ def reference(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop,
     from maml.higher_engine import adapt_predict
 
     return adapt_predict(exp.model, learned, task, inner)[0].numpy()
+
+
+def float32_error(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop,
+                  task: TaskBatch, ref: np.ndarray) -> float:
+    """How far the float32 reference `ref` is from the same inner loop run in float64."""
+    exp64 = dataclasses.replace(exp, model=copy.deepcopy(exp.model).double())
+    learned64 = None if learned is None else learned.detach().double()
+    exact = reference(exp64, learned64, inner, task.to("cpu", torch.float64))
+    return float(np.abs(ref.astype(np.float64) - exact).max())
 
 
 def onnx_runner(folder: Path, files: dict[str, str]) -> Runner:
@@ -108,17 +123,28 @@ def verify(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop, fold
     run = runners(folder, files)
     worst = {fmt: 0.0 for fmt in run}
     argmax_ok = {fmt: True for fmt in run}
+    within = True
+    ill_conditioned: list[float] = []  # the reference's float32 error where it set the bound
     classification = inner.loss == "cross_entropy"
     for task in tasks:
         ref = reference(exp, learned, inner, task)
+        bound, measured = TOLERANCE, False
         sx, sy, qx = (t[0].numpy() for t in (task.support_x, task.support_y, task.query_x))
         for fmt, runner in run.items():
             for out in runner(sx, sy, qx):
-                worst[fmt] = max(worst[fmt], float(np.abs(out - ref).max()))
+                diff = float(np.abs(out - ref).max())
+                worst[fmt] = max(worst[fmt], diff)
+                if diff > bound and not measured:  # once per task, and only when needed
+                    noise, measured = float32_error(exp, learned, inner, task, ref), True
+                    bound = max(TOLERANCE, 2 * noise)
+                    if bound > TOLERANCE:
+                        ill_conditioned.append(noise)
+                within = within and diff <= bound
                 if classification and not (out.argmax(-1) == ref.argmax(-1)).all():
                     argmax_ok[fmt] = False
-    passed = all(d <= TOLERANCE for d in worst.values()) and all(argmax_ok.values())
+    passed = within and all(argmax_ok.values())
     return {"max_abs_diff": worst, "argmax_equal": argmax_ok if classification else None,
-            "tolerance": TOLERANCE, "tasks": len(tasks),
+            "tolerance": TOLERANCE, "reference_float32_error": ill_conditioned,
+            "tasks": len(tasks),
             "support_sizes": sorted({int(t.support_x.shape[1]) for t in tasks}),
             "reference": "maml.higher_engine.adapt_predict", "passed": passed}

@@ -37,7 +37,7 @@ def test_sinusoid_reproduction_end_to_end(tmp_path):
 
 
 def test_table_draws_the_5w1s_variants_that_ran(tmp_path):
-    """Two of the three variants have metrics: one figure with both, named after the machine."""
+    """Two of the three variants have metrics: one figure of both is drawn and named."""
     for name, rate in (("omniglot-5w1s", 1e-3), ("omniglot-5w1s-first-order", 2e-3)):
         (tmp_path / name).mkdir()
         lines = [{"iteration": i, "seconds": i * rate * 500, "loss": 1 / i, "accuracy": 0.9,
