@@ -175,21 +175,26 @@ def seconds_to(metrics: Path, target: float) -> float | None:
     return None
 
 
+def result_paths(out: Path, name: str) -> list[Path]:
+    """A benchmark's results: `out/NAME/result.json`, then one per machine folder, as
+    `out/MACHINE/NAME/result.json` (say a GPU's runs kept beside the CPU's)."""
+    paths = [out / name / "result.json", *sorted(out.glob(f"*/{name}/result.json"))]
+    return [p for p in paths if p.is_file()]
+
+
 def table(out: Path) -> str:
     """A markdown table of every result under `out` (rows not run yet say so)."""
     header = ["benchmark", "setting", "paper", "ours (95% CI)", "ONNX adapter", "iterations",
               "training time", "engine", "machine"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, bench in BENCHMARKS.items():
-        path = out / name / "result.json"
         paper = bench["paper"]
-        if not path.is_file():
+        results = [json.loads(path.read_text()) for path in result_paths(out, name)]
+        if not results:
             for label, (mean, ci) in paper.items():
                 shown = f"{mean}" + (f" +- {ci}" if ci else "")
                 lines.append(f"| {name} | {label} | {shown} | not run yet | | | | | |")
-            continue
-        r = json.loads(path.read_text())
-        for row in r["evaluations"]:
+        for r, row in ((res, row) for res in results for row in res["evaluations"]):
             label = f"{row['k_shot']}-shot, {row['steps']} step{'s' * (row['steps'] > 1)}"
             key = next((k for k in paper if k.startswith(label)), None)
             ref, label = (paper[key], key) if key else (None, label)  # keeps "(target, ...)"

@@ -49,3 +49,23 @@ def test_table_draws_the_5w1s_variants_that_ran(tmp_path):
     assert done.returncode == 0, done.stderr
     png = tmp_path / "omniglot-5w1s-variants.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in done.stderr
+
+
+def test_table_lists_each_machines_run_of_a_benchmark(tmp_path):
+    """A GPU run kept in a machine folder (OUT/h100/NAME) is a row beside the CPU run's."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import reproduce
+
+    for folder, machine, mean in ((tmp_path, "CPU (x86_64, 2 cores)", 97.74),
+                                  (tmp_path / "h100", "NVIDIA H100 80GB HBM3", 98.09)):
+        (folder / "omniglot-5w1s").mkdir(parents=True)
+        result = {"evaluations": [{"k_shot": 1, "steps": 3, "mean": mean, "ci95": 0.2}],
+                  "iterations": 10, "target_iterations": 60000, "complete": False,
+                  "training_seconds": 60.0, "engine": "batched", "machine": machine}
+        (folder / "omniglot-5w1s" / "result.json").write_text(json.dumps(result))
+    rows = [line for line in reproduce.table(tmp_path).splitlines() if "omniglot-5w1s |" in line]
+    assert len(rows) == 2
+    assert "97.74 +- 0.20" in rows[0] and rows[0].endswith("| CPU (x86_64, 2 cores) |")
+    assert "98.09 +- 0.20" in rows[1] and rows[1].endswith("| NVIDIA H100 80GB HBM3 |")
+    assert "10/60000 (partial)" in rows[1]
+    assert "| omniglot-5w5s | 5-shot, 3 steps | 99.9 +- 0.1 | not run yet |" in reproduce.table(tmp_path)
