@@ -15,7 +15,8 @@ and any float32 engine is then ~1e-4 from float64, the loop included. Settings (
   `scripts/reproduce.py` trains), so its times convert iterations into training time.
 
 Rows: `higher` loop; batched (eager); batched with auto chunking under `--memory-budget-mb`;
-`--compile` adds batched + torch.compile; on CUDA also CUDA graphs, TF32 and bf16 autocast rows,
+`--compile` adds batched + torch.compile; on CUDA also CUDA graphs (also with cuDNN's autotuner,
+`torch.backends.cudnn.benchmark`), TF32 and bf16 autocast rows,
 and with `--compile` compile + CUDA graphs, whole and auto-chunked. Peak MB is the allocator's
 peak over one timed iteration; on CUDA, "reserved MB" is what the row held from the allocator
 (the cache was emptied before the row), which counts a CUDA graph's private memory pool that
@@ -129,6 +130,8 @@ def rows_for(device: torch.device, args) -> list[tuple[str, object, dict]]:
     if device.type == "cuda":  # the combined rows first: a run cut short keeps what matters
         rows += [
             ("batched + CUDA graph", BatchedEngine(task_chunk=10**9, cuda_graphs=True), {}),
+            ("batched + CUDA graph + cudnn.benchmark",
+             BatchedEngine(task_chunk=10**9, cuda_graphs=True), {"cudnn_benchmark": True}),
             ("batched + TF32", BatchedEngine(task_chunk=10**9), {"tf32": True}),
             ("batched + bf16 autocast", BatchedEngine(task_chunk=10**9, bf16=True), {}),
         ]
@@ -161,6 +164,7 @@ def bench(device: torch.device, args, results: list[dict], save) -> list[dict]:
             model, batch, inner = make_case(setting, device)
             torch.backends.cuda.matmul.allow_tf32 = flags.get("tf32", False)
             torch.backends.cudnn.allow_tf32 = flags.get("tf32", False)
+            torch.backends.cudnn.benchmark = flags.get("cudnn_benchmark", False)
             try:
                 r = run_row(engine, model, batch, inner, device, args.iterations, args.warmup)
             except Exception as exc:  # a failing optimisation is a row, not a crash
@@ -180,6 +184,7 @@ def bench(device: torch.device, args, results: list[dict], save) -> list[dict]:
                   f"grad rel diff {rel:.1e}", flush=True)
             save()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
     return results
 
 

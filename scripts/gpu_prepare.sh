@@ -7,7 +7,7 @@
 # - an earlier GPU slot's checkpoint, if one was brought back into benchmarks/gpu/resume/, so
 #   that slots add up to one training run.
 # Then, with the device tool:  run(command="bash scripts/gpu_session.sh", carry=[".gpu"],
-# timeout_s=450), and copy what comes back into benchmarks/ (see gpu_session.sh).
+# timeout_s=600), and copy what comes back into benchmarks/ (see gpu_session.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
