@@ -147,12 +147,18 @@ def rows_for(device: torch.device, args) -> list[tuple[str, object, dict]]:
     return rows
 
 
-def bench(device: torch.device, args, results: list[dict], save) -> list[dict]:
-    wanted = [w.strip() for w in args.only.split(",") if w.strip()]
-    # a full setting name means that setting alone; a part of one, every setting containing it
+def selected(only: str) -> list[str]:
+    """The settings `--only` names, in its order, each once: a full setting name means that
+    setting alone, a part of one every setting containing it; empty means all."""
+    wanted = [w.strip() for w in only.split(",") if w.strip()]
+    if not wanted:
+        return list(SETTINGS)
     names = [n for w in wanted for n in ([w] if w in SETTINGS else SETTINGS) if w in n]
-    names = names if wanted else list(SETTINGS)
-    for name in dict.fromkeys(names):  # in the order asked for, each once
+    return list(dict.fromkeys(names))
+
+
+def bench(device: torch.device, args, results: list[dict], save) -> list[dict]:
+    for name in selected(args.only):
         setting = SETTINGS[name]
         reference = None
         model, batch, inner = make_case(setting, device)

@@ -1,0 +1,37 @@
+"""scripts/bench_train.py runs and checks its rows (a GPU lease depends on it; timings untested)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(*args: str, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "scripts/bench_train.py", *args, "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_quick_cpu_run_writes_checked_rows(tmp_path):
+    done = bench("--cpu-only", "--quick", "--only", "sinusoid", out=tmp_path)
+    assert done.returncode == 0, done.stderr
+    [path] = tmp_path.glob("bench_train-*.json")
+    rows = json.loads(path.read_text())["results"]
+    assert [r["engine"] for r in rows] == ["higher loop", "batched"]
+    for r in rows:  # each row's meta-gradient against the float64 loop: float32 rounding only
+        assert r["setting"].startswith("sinusoid") and r["ms"] > 0
+        assert 0 < r["grad_rel_diff"] < 1e-5
+    assert "| cpu | sinusoid K10 Q10 B25 1 step | batched |" in done.stdout
+
+
+def test_only_takes_a_full_name_alone_and_rejects_an_unknown_one(tmp_path):
+    done = bench("--cpu-only", "--quick", "--only", "nonsense", out=tmp_path)
+    assert done.returncode == 2 and "--only 'nonsense' matches no setting" in done.stderr
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_train
+
+    assert bench_train.selected("5w1s q15 B32 1 step") == ["5w1s q15 B32 1 step"]
+    assert bench_train.selected("5w1s") == ["5w1s q15 B32 1 step", "5w1s q15 B32 5 steps",
+                                            "paper net 5w1s q15 B32 1 step"]
+    assert bench_train.selected("") == list(bench_train.SETTINGS)
