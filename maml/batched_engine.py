@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -212,6 +213,8 @@ class BatchedEngine:
     - `compile`: run the step under `torch.compile` (one compilation per chunk shape).
     - `cuda_graphs`: capture the step in a CUDA graph per chunk shape and replay it (CUDA only).
     - `bf16`: bfloat16 autocast inside the step (opt-in; changes the numerics).
+    - `warn`: where a one-line warning goes (default: stderr), e.g. that one task alone needs
+      more memory than the budget.
     """
 
     task_chunk: int | None = None
@@ -220,6 +223,7 @@ class BatchedEngine:
     cuda_graphs: bool = False
     bf16: bool = False
     chosen_chunk: int | None = None
+    warn: Callable[[str], None] | None = field(default=None, repr=False)
     _steps: dict = field(default_factory=dict, repr=False)
     _predicts: dict = field(default_factory=dict, repr=False)
 
@@ -289,6 +293,12 @@ class BatchedEngine:
         per_task = max(one, two / 2, two - one, 1)
         room = budget * 2**20 - meter.resident()
         self.chosen_chunk = int(min(total, max(1, room // per_task)))
+        if per_task > room:  # the smallest chunk will still exceed the budget: say so once
+            (self.warn or _stderr)(
+                f"warning: one task needs about {per_task / 2**20:.0f} MB in the batched step, "
+                f"more than the {max(room, 0) / 2**20:.0f} MB the {budget:.0f} MB memory budget "
+                "leaves; running one task per chunk (raise --memory-budget-mb to silence this)"
+            )
 
     def meta_gradient(
         self, model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop
@@ -327,6 +337,10 @@ class BatchedEngine:
                 sx, sy, qx, _ = (t[a:b] for t in batch.tensors())
                 outputs.append(predict(params, table, sx, sy, qx))
         return torch.cat(outputs).detach()
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _autocast(step: Callable, device: torch.device) -> Callable:

@@ -130,11 +130,12 @@ class SelectedEngine:
 
     def __init__(self, options: EngineOptions, warn: Callable[[str], None] | None = None) -> None:
         self.options = options
+        self.warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
         self.batched = BatchedEngine(
             task_chunk=options.task_chunk, memory_budget_mb=options.memory_budget_mb,
             compile=options.compile, cuda_graphs=options.cuda_graphs, bf16=options.bf16,
+            warn=self.warn,
         )
-        self.warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
         self.chosen: dict[str, object] = {}
 
     @property

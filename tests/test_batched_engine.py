@@ -145,6 +145,21 @@ def test_auto_chunking_under_a_small_budget_still_gives_the_meta_gradient():
     assert rel(again, expected) <= TOL
 
 
+def test_a_budget_smaller_than_one_task_is_named_once():
+    model, learned, batch = setup("cnn", 1, False)
+    batch = TaskBatch(*(torch.cat([t] * 2) for t in batch.tensors()))  # 6 tasks
+    inner = InnerLoop("cross_entropy", 1, 0.4)
+    lines: list[str] = []
+    tight = BatchedEngine(memory_budget_mb=1e-3, warn=lines.append)  # 1 kB: no task fits
+    for _ in range(2):
+        gradient(tight, model, learned, batch, inner)
+    assert tight.chosen_chunk == 1 and len(lines) == 1
+    assert lines[0].startswith("warning: one task needs about") and "--memory-budget-mb" in lines[0]
+    roomy = BatchedEngine(memory_budget_mb=1e6, warn=lines.append)
+    gradient(roomy, model, learned, batch, inner)
+    assert roomy.chosen_chunk == len(batch) and len(lines) == 1
+
+
 @pytest.mark.parametrize("case", ["mlp", "maxpool"])
 def test_adapt_predict_matches_higher(case):
     model, learned, batch = setup(case, 3, True)
