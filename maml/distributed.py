@@ -36,7 +36,8 @@ longer than `--dist-timeout`) becomes a one-line `DistributedError` naming the r
 was doing, instead of a hang or a deep traceback. Under torchrun the agent then stops the others.
 That is what gloo (CPU) does, and what the tests check. With nccl, a timed-out collective is
 caught by NCCL's watchdog, which by default ends the process with its own message after the same
-timeout; `TORCH_NCCL_BLOCKING_WAIT=1` makes it raise here instead (not tested: no multi-GPU machine so far).
+timeout; `TORCH_NCCL_BLOCKING_WAIT=1` makes it raise here instead (not tested: no machine with
+several GPUs so far).
 `--minutes` budgets are decided by rank 0's clock (`main_decides`), so all ranks stop together.
 """
 

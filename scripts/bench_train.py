@@ -16,11 +16,10 @@ and any float32 engine is then ~1e-4 from float64, the loop included. Settings (
 
 Rows: `higher` loop; batched (eager); batched with auto chunking under `--memory-budget-mb`;
 `--compile` adds batched + torch.compile; on CUDA also CUDA graphs (also with cuDNN's autotuner,
-`torch.backends.cudnn.benchmark`), TF32 and bf16 autocast rows,
-and with `--compile` compile + CUDA graphs, whole and auto-chunked. Peak MB is the allocator's
-peak over one timed iteration; on CUDA, "reserved MB" is what the row held from the allocator
-(the cache was emptied before the row), which counts a CUDA graph's private memory pool that
-the peak of a replay does not see.
+`torch.backends.cudnn.benchmark`), TF32 and bf16 autocast rows, and with `--compile` compile +
+CUDA graphs, whole and auto-chunked. Peak MB is the allocator's peak over one timed iteration;
+on CUDA, "reserved MB" is what the row held from the allocator (the cache was emptied before
+the row), which counts a CUDA graph's private memory pool that the peak of a replay does not see.
 Tasks are random images / sinusoid draws of the right shapes (timing does not depend on the
 pixels). CPU always, CUDA when present. Prints a markdown table; writes JSON under
 `benchmarks/`.
@@ -127,7 +126,7 @@ def rows_for(device: torch.device, args) -> list[tuple[str, object, dict]]:
                      BatchedEngine(memory_budget_mb=args.memory_budget_mb), {}))
     if args.compile and device.type != "cuda":
         rows.append(("batched + torch.compile", BatchedEngine(task_chunk=10**9, compile=True), {}))
-    if device.type == "cuda":  # the combined rows first: a run cut short keeps what matters
+    if device.type == "cuda":
         rows += [
             ("batched + CUDA graph", BatchedEngine(task_chunk=10**9, cuda_graphs=True), {}),
             ("batched + CUDA graph + cudnn.benchmark",
@@ -135,7 +134,7 @@ def rows_for(device: torch.device, args) -> list[tuple[str, object, dict]]:
             ("batched + TF32", BatchedEngine(task_chunk=10**9), {"tf32": True}),
             ("batched + bf16 autocast", BatchedEngine(task_chunk=10**9, bf16=True), {}),
         ]
-        if args.compile:
+        if args.compile:  # the combined rows first: a run cut short keeps what matters
             rows += [
                 ("batched + compile + CUDA graph",
                  BatchedEngine(task_chunk=10**9, compile=True, cuda_graphs=True), {}),
