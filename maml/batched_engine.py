@@ -230,7 +230,11 @@ class BatchedEngine:
     def _step(
         self, model: nn.Module, inner: InnerLoop, learned: bool, shapes: tuple, plain: bool
     ) -> Callable:
-        """The step for these chunk shapes; `plain` skips compilation and graph capture."""
+        """The step for these chunk shapes; `plain` skips compilation and graph capture.
+
+        A CUDA graph replays what it captured, the meta-batch size the loss is divided by
+        included, so a graph is kept per chunk shape and meta-batch size (`shapes`).
+        """
         key = (id(model), inner, learned, shapes if self.cuda_graphs else None, plain)
         if key not in self._steps:
             step = meta_step_fn(model, inner, learned)
@@ -249,7 +253,7 @@ class BatchedEngine:
         params = tuple(model.parameters())
         tensors = tuple(t[start:stop] for t in batch.tensors())
         step = self._step(model, inner, learned_lrs is not None,
-                          tuple(tuple(t.shape) for t in tensors), plain)
+                          (total, *(tuple(t.shape) for t in tensors)), plain)
         # Detached inputs: torch.func.grad gives the gradients; an outer autograd graph around
         # the step would only hold memory.
         lrs = None if learned_lrs is None else learned_lrs.detach()

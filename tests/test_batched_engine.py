@@ -145,6 +145,34 @@ def test_auto_chunking_under_a_small_budget_still_gives_the_meta_gradient():
     assert rel(again, expected) <= TOL
 
 
+def test_a_captured_step_is_never_replayed_for_another_meta_batch_size(monkeypatch):
+    """A CUDA graph bakes in the meta-batch size the loss is divided by: chunks of equal shape
+    from meta-batches of different sizes need their own graphs. (Recorded on CPU with a stand-in
+    for the graph; the capture itself needs CUDA, and bench_train checks it there.)"""
+    captured: list = []
+
+    class Recorder:
+        def __init__(self, step):
+            self.step, self.totals = step, set()
+            captured.append(self)
+
+        def __call__(self, *args):
+            self.totals.add(args[-1])
+            return self.step(*args)
+
+    monkeypatch.setattr(batched_engine, "_CudaGraphStep", Recorder)
+    model, learned, batch = setup("mlp", 1, False)
+    inner = InnerLoop("mse", 1, 0.01)
+    engine = BatchedEngine(task_chunk=1, cuda_graphs=True)
+    small = TaskBatch(*(t[:2] for t in batch.tensors()))
+    for b in (batch, small, batch):
+        expected, _ = gradient(higher_engine, model, learned, b, inner)
+        got, _ = gradient(engine, model, learned, b, inner)
+        assert rel(got, expected) <= TOL
+    assert sorted(len(r.totals) for r in captured) == [1, 1]  # one per size, each reused
+    assert {t for r in captured for t in r.totals} == {len(batch), 2}
+
+
 def test_a_budget_smaller_than_one_task_is_named_once():
     model, learned, batch = setup("cnn", 1, False)
     batch = TaskBatch(*(torch.cat([t] * 2) for t in batch.tensors()))  # 6 tasks
