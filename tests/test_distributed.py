@@ -116,7 +116,13 @@ def test_eval_spread_over_ranks_equals_one_process(runs, capsys):
     assert two.stdout.count('"metric"') == 1
     assert main(args) == 0
     single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert spread == single
+    # a rank adapts 2 tasks where one process adapts 3 at once, so the float32 sums run in
+    # another order (and torchrun's workers use 1 thread): equal to float32 rounding, not bitwise
+    for key in ("mean", "ci95"):
+        assert spread[key] == pytest.approx(single[key], rel=1e-6, abs=1e-7), key
+        assert spread["before"][key] == pytest.approx(single["before"][key], rel=1e-6, abs=1e-7)
+    same = ("metric", "tasks", "inner_steps", "split", "checkpoint", "dataset", "iteration")
+    assert {k: spread[k] for k in same} == {k: single[k] for k in same}
 
 
 def test_shares_cover_every_task_once():
