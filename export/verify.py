@@ -3,12 +3,21 @@
 The reference is `maml.higher_engine.adapt_predict` (the engine meta-training and `maml eval`
 use) on the same checkpoint and tasks. Each format is loaded back from disk, as a consumer would
 load it, and run both as `adapt_predict` and as `predict(adapt(...))`. Passing means, on every
-task, a max abs difference of at most `TOLERANCE` or, where the task is ill-conditioned, at most
-twice the reference's own float32 error (its distance to the same inner loop in float64), and,
-for classification, identical argmax on every query. Why the second clause: both sides compute
-the same float64 quantity in float32, and on some tasks 5 SGD steps amplify rounding (a 20-way
-Omniglot run's reference was 2.8e-3 away from float64 on one task, while the ONNX adapter was
-1.25e-4 from the reference); a fixed absolute bound would refuse a correct export there.
+task, a max abs difference of at most `TOLERANCE` and, for classification, the reference's
+argmax on every query; or, where the task is ill-conditioned, a difference of at most twice the
+task's float32 noise and, on each query, a prediction the inner loop itself makes on the task
+within that noise.
+
+Why the second clause: both sides compute in float32 a function that is only piecewise smooth
+(max-pool and ReLU route gradients by comparisons), and on some tasks a near-tie sits within
+rounding distance. There, equally correct float32 programs differ by far more than `TOLERANCE`.
+The noise of a task is measured, not assumed (`task_noise`): the larger of the reference's
+distance to the same inner loop in float64, and how far the float64 loop moves when the support
+images move by `PERTURBATION` (relative; a few float32 rounding steps). A 20-way 5-step run's
+reference was 2.8e-3 from float64 on one task; on a full-width max-pool net the float64 loop
+moved by up to 0.14 under a 1e-6 perturbation, and an onnxruntime adapter 5.5e-4 from the
+reference (which was 7e-6 from float64) was within that. A wrong export (a wrong step size,
+loss or batch-norm mode) differs on the well-conditioned tasks too, where the noise is ~1e-6.
 The tasks come from the run's test split with two support sizes (the run's shot count and
 another), which also checks that the files accept a varying number of examples.
 """
@@ -30,6 +39,9 @@ from maml.experiment import Experiment, make_source
 from maml.tasks import TaskBatch
 
 TOLERANCE = 1e-4
+PERTURBATION = 1e-6
+"""Relative size of the support-image perturbations that measure a task's conditioning."""
+PERTURBED_RUNS = 4
 
 Runner = Callable[[np.ndarray, np.ndarray, np.ndarray], list[np.ndarray]]
 """`(support_x, support_y, query_x) -> [adapt_predict outputs, predict(adapt) outputs]`."""
@@ -67,10 +79,49 @@ def reference(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop,
 def float32_error(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop,
                   task: TaskBatch, ref: np.ndarray) -> float:
     """How far the float32 reference `ref` is from the same inner loop run in float64."""
+    return float(np.abs(ref.astype(np.float64) - _exact(exp, learned, inner, task)).max())
+
+
+@dataclasses.dataclass
+class Noise:
+    """A task's float32 noise: `scale` bounds how far correct float32 programs may differ, and
+    `predictions` (classification) holds, per query, the classes the inner loop predicts on the
+    task within that noise (float32, float64 and perturbed float64 runs)."""
+
+    float32_error: float
+    perturbation_spread: float
+    predictions: np.ndarray | None
+
+    @property
+    def scale(self) -> float:
+        return max(self.float32_error, self.perturbation_spread)
+
+
+def task_noise(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop,
+               task: TaskBatch, ref: np.ndarray) -> Noise:
+    """Measure a task's noise: the reference's float32 error and the float64 inner loop's
+    spread under `PERTURBED_RUNS` support perturbations of relative size `PERTURBATION`."""
+    exact = _exact(exp, learned, inner, task)
+    outputs = [ref.astype(np.float64), exact]
+    spread = 0.0
+    for seed in range(PERTURBED_RUNS):
+        noise = torch.randn(task.support_x.shape, generator=torch.Generator().manual_seed(seed))
+        moved = dataclasses.replace(task, support_x=task.support_x * (1 + PERTURBATION * noise))
+        out = _exact(exp, learned, inner, moved)
+        spread = max(spread, float(np.abs(out - exact).max()))
+        outputs.append(out)
+    predictions = None
+    if inner.loss == "cross_entropy":
+        predictions = np.stack([o.argmax(-1) for o in outputs])  # (runs, Q)
+    return Noise(float(np.abs(outputs[0] - exact).max()), spread, predictions)
+
+
+def _exact(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop,
+           task: TaskBatch) -> np.ndarray:
+    """The reference inner loop in float64."""
     exp64 = dataclasses.replace(exp, model=copy.deepcopy(exp.model).double())
     learned64 = None if learned is None else learned.detach().double()
-    exact = reference(exp64, learned64, inner, task.to("cpu", torch.float64))
-    return float(np.abs(ref.astype(np.float64) - exact).max())
+    return reference(exp64, learned64, inner, task.to("cpu", torch.float64))
 
 
 def onnx_runner(folder: Path, files: dict[str, str]) -> Runner:
@@ -123,28 +174,36 @@ def verify(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop, fold
     run = runners(folder, files)
     worst = {fmt: 0.0 for fmt in run}
     argmax_ok = {fmt: True for fmt in run}
-    within = True
-    ill_conditioned: list[float] = []  # the reference's float32 error where it set the bound
+    passed = True
+    ill_conditioned: list[dict[str, float]] = []  # the noise of tasks where it set the bound
     classification = inner.loss == "cross_entropy"
     for task in tasks:
         ref = reference(exp, learned, inner, task)
-        task_worst = 0.0
         sx, sy, qx = (t[0].numpy() for t in (task.support_x, task.support_y, task.query_x))
-        for fmt, runner in run.items():
-            for out in runner(sx, sy, qx):
-                diff = float(np.abs(out - ref).max())
-                worst[fmt] = max(worst[fmt], diff)
-                task_worst = max(task_worst, diff)
-                if classification and not (out.argmax(-1) == ref.argmax(-1)).all():
-                    argmax_ok[fmt] = False
-        if task_worst > TOLERANCE:  # the float64 reference only where the bound is in question
-            noise = float32_error(exp, learned, inner, task, ref)
-            if 2 * noise > TOLERANCE:
-                ill_conditioned.append(noise)
-            within = within and task_worst <= max(TOLERANCE, 2 * noise)
-    passed = within and all(argmax_ok.values())
+        outputs = {fmt: runner(sx, sy, qx) for fmt, runner in run.items()}
+        diffs = {fmt: max(float(np.abs(o - ref).max()) for o in outs)
+                 for fmt, outs in outputs.items()}
+        same_argmax = {fmt: all((o.argmax(-1) == ref.argmax(-1)).all() for o in outs)
+                       for fmt, outs in outputs.items()} if classification else {}
+        for fmt, d in diffs.items():
+            worst[fmt] = max(worst[fmt], d)
+        if max(diffs.values()) <= TOLERANCE and all(same_argmax.values()):
+            continue
+        # the float64 loops only where the bound is in question
+        noise = task_noise(exp, learned, inner, task, ref)
+        if 2 * noise.scale > TOLERANCE:
+            ill_conditioned.append({"float32_error": noise.float32_error,
+                                    "perturbation_spread": noise.perturbation_spread})
+        bound = max(TOLERANCE, 2 * noise.scale)
+        passed = passed and max(diffs.values()) <= bound
+        for fmt, outs in outputs.items():
+            if classification and not same_argmax[fmt]:
+                # each query's prediction must be one the inner loop makes within the noise
+                ok = all((noise.predictions == o.argmax(-1)).any(0).all() for o in outs)
+                argmax_ok[fmt] = argmax_ok[fmt] and ok
+    passed = passed and all(argmax_ok.values())
     return {"max_abs_diff": worst, "argmax_equal": argmax_ok if classification else None,
-            "tolerance": TOLERANCE, "reference_float32_error": ill_conditioned,
-            "tasks": len(tasks),
+            "tolerance": TOLERANCE, "perturbation": PERTURBATION,
+            "ill_conditioned": ill_conditioned, "tasks": len(tasks),
             "support_sizes": sorted({int(t.support_x.shape[1]) for t in tasks}),
             "reference": "maml.higher_engine.adapt_predict", "passed": passed}

@@ -1,14 +1,16 @@
-"""The exporter's parity rule: an absolute bound, widened only by the reference's own float32 error.
+"""The exporter's parity rule: an absolute bound, widened only by a task's measured float32 noise.
 
 The formats are replaced by fake runners that return the reference plus a known offset, so the
 rule itself is what is tested (the real formats are checked in tests/test_export.py).
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 import export.verify as verify_module
-from export.verify import TOLERANCE, float32_error, reference, sample_tasks, verify
+from export.verify import TOLERANCE, Noise, float32_error, reference, sample_tasks, task_noise, verify
 from maml.config import Config
 from maml.experiment import build
 
@@ -19,7 +21,7 @@ def setup():
     return exp, exp.cfg.inner_loop(), sample_tasks(exp, 2, seed=0)
 
 
-def check(setup, monkeypatch, offset: float, noise: float | None = None) -> dict:
+def check(setup, monkeypatch, offset: float, noise: Noise | None = None) -> dict:
     """verify() with one fake format whose outputs are the reference + `offset`."""
     exp, inner, tasks = setup
 
@@ -30,7 +32,7 @@ def check(setup, monkeypatch, offset: float, noise: float | None = None) -> dict
 
     monkeypatch.setattr(verify_module, "runners", lambda folder, files: {"onnx": run})
     if noise is not None:
-        monkeypatch.setattr(verify_module, "float32_error", lambda *args: noise)
+        monkeypatch.setattr(verify_module, "task_noise", lambda *args: noise)
     return verify(exp, None, inner, folder=None, files={}, tasks=tasks)
 
 
@@ -40,17 +42,65 @@ def test_a_well_conditioned_reference_is_close_to_float64(setup):
     assert all(0 < e < 1e-5 for e in errors), errors  # measured, and tiny: sinusoid MLP
 
 
+def test_a_well_conditioned_task_barely_moves_under_the_perturbation(setup):
+    exp, inner, tasks = setup
+    for task in tasks:
+        noise = task_noise(exp, None, inner, task, reference(exp, None, inner, task))
+        assert 0 < noise.perturbation_spread < 1e-5 and noise.predictions is None, noise
+        assert noise.scale == max(noise.float32_error, noise.perturbation_spread)
+
+
 def test_within_the_absolute_bound_passes(setup, monkeypatch):
     result = check(setup, monkeypatch, TOLERANCE / 2)
-    assert result["passed"] and result["reference_float32_error"] == []
+    assert result["passed"] and result["ill_conditioned"] == []
 
 
-def test_beyond_it_fails_when_the_reference_is_precise(setup, monkeypatch):
-    result = check(setup, monkeypatch, 5 * TOLERANCE)  # real float32 error: under 1e-5
+def test_beyond_it_fails_when_the_task_is_well_conditioned(setup, monkeypatch):
+    result = check(setup, monkeypatch, 5 * TOLERANCE)  # measured noise: under 1e-5
     assert not result["passed"] and result["max_abs_diff"]["onnx"] == pytest.approx(5 * TOLERANCE, rel=1e-3)
+    assert result["ill_conditioned"] == []
 
 
-def test_an_ill_conditioned_reference_widens_the_bound_to_twice_its_error(setup, monkeypatch):
-    assert check(setup, monkeypatch, 5 * TOLERANCE, noise=3 * TOLERANCE)["passed"]
-    result = check(setup, monkeypatch, 5 * TOLERANCE, noise=2 * TOLERANCE)
-    assert not result["passed"] and result["reference_float32_error"] == [2 * TOLERANCE] * 4
+@pytest.mark.parametrize("source", ["float32_error", "perturbation_spread"])
+def test_an_ill_conditioned_task_widens_the_bound_to_twice_its_noise(setup, monkeypatch, source):
+    def noise(scale):
+        return Noise(**{"float32_error": 0.0, "perturbation_spread": 0.0, source: scale},
+                     predictions=None)
+
+    assert check(setup, monkeypatch, 5 * TOLERANCE, noise(3 * TOLERANCE))["passed"]
+    result = check(setup, monkeypatch, 5 * TOLERANCE, noise(2 * TOLERANCE))
+    assert not result["passed"] and len(result["ill_conditioned"]) == 4
+    assert result["ill_conditioned"][0][source] == 2 * TOLERANCE
+
+
+def classify(monkeypatch, setup, exported: np.ndarray, predictions: np.ndarray | None,
+             noise_scale: float = 0.0) -> dict:
+    """verify() on a fake 3-class task: reference logits `REF`, the format returns `exported`,
+    the measured noise allows the predictions `predictions` (runs, queries)."""
+    exp, _, tasks = setup
+    inner = dataclasses.replace(setup[1], loss="cross_entropy")
+    monkeypatch.setattr(verify_module, "reference", lambda *args: REF)
+    monkeypatch.setattr(verify_module, "runners",
+                        lambda folder, files: {"onnx": lambda *a: [exported, exported]})
+    noise = Noise(noise_scale, 0.0, predictions)
+    monkeypatch.setattr(verify_module, "task_noise", lambda *args: noise)
+    return verify(exp, None, inner, folder=None, files={}, tasks=tasks[:1])
+
+
+REF = np.array([[1.0, 0.99999, 0.0], [0.0, 2.0, 0.0]], dtype=np.float32)
+
+
+def test_a_near_tie_may_go_the_way_the_exact_loop_goes(setup, monkeypatch):
+    flipped = REF + np.array([[0, 2e-5, 0], [0, 0, 0]], dtype=np.float32)  # query 0 -> class 1
+    exact_goes = np.array([[0, 1], [1, 1], [0, 1]])  # float32 ref, float64, a perturbed run
+    result = classify(monkeypatch, setup, flipped, exact_goes)
+    assert result["passed"] and result["argmax_equal"] == {"onnx": True}
+
+
+def test_a_prediction_the_inner_loop_never_makes_fails(setup, monkeypatch):
+    flipped = REF + np.array([[0, 2e-5, 0], [0, 0, 0]], dtype=np.float32)
+    never = np.array([[0, 1], [0, 1], [0, 1]])  # every run of the inner loop says class 0
+    result = classify(monkeypatch, setup, flipped, never)
+    assert not result["passed"] and result["argmax_equal"] == {"onnx": False}
+    wrong = REF + np.array([[0, 0, 0], [0, 0, 3.0]], dtype=np.float32)  # far beyond the bound
+    assert not classify(monkeypatch, setup, wrong, np.array([[0, 2]] * 3), 1e-5)["passed"]
