@@ -76,12 +76,6 @@ def reference(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop,
     return adapt_predict(exp.model, learned, task, inner)[0].numpy()
 
 
-def float32_error(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop,
-                  task: TaskBatch, ref: np.ndarray) -> float:
-    """How far the float32 reference `ref` is from the same inner loop run in float64."""
-    return float(np.abs(ref.astype(np.float64) - _exact(exp, learned, inner, task)).max())
-
-
 @dataclasses.dataclass
 class Noise:
     """A task's float32 noise: `scale` bounds how far correct float32 programs may differ, and
