@@ -99,8 +99,8 @@ def task_noise(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop,
     outputs = [ref.astype(np.float64), exact]
     spread = 0.0
     for seed in range(PERTURBED_RUNS):
-        noise = torch.randn(task.support_x.shape, generator=torch.Generator().manual_seed(seed))
-        moved = dataclasses.replace(task, support_x=task.support_x * (1 + PERTURBATION * noise))
+        jitter = torch.randn(task.support_x.shape, generator=torch.Generator().manual_seed(seed))
+        moved = dataclasses.replace(task, support_x=task.support_x * (1 + PERTURBATION * jitter))
         out = _exact(exp, learned, inner, moved)
         spread = max(spread, float(np.abs(out - exact).max()))
         outputs.append(out)

@@ -68,6 +68,9 @@ def test_an_ill_conditioned_task_widens_the_bound_to_twice_its_noise(setup, monk
     assert result["ill_conditioned"][0][source] == 2 * TOLERANCE
 
 
+REF = np.array([[1.0, 0.99999, 0.0], [0.0, 2.0, 0.0]], dtype=np.float32)
+
+
 def classify(monkeypatch, setup, exported: np.ndarray, predictions: np.ndarray | None,
              noise_scale: float = 0.0) -> dict:
     """verify() on a fake 3-class task: reference logits `REF`, the format returns `exported`,
@@ -80,9 +83,6 @@ def classify(monkeypatch, setup, exported: np.ndarray, predictions: np.ndarray |
     noise = Noise(noise_scale, 0.0, predictions)
     monkeypatch.setattr(verify_module, "task_noise", lambda *args: noise)
     return verify(exp, None, inner, folder=None, files={}, tasks=tasks[:1])
-
-
-REF = np.array([[1.0, 0.99999, 0.0], [0.0, 2.0, 0.0]], dtype=np.float32)
 
 
 def test_a_near_tie_may_go_the_way_the_exact_loop_goes(setup, monkeypatch):
