@@ -5,7 +5,8 @@ every `log_every` iterations to `<checkpoint>.metrics.jsonl`, validation on held
 `val_every` iterations (the best checkpoint is kept as `<checkpoint>.best.pt` beside the latest),
 and an atomic checkpoint every `checkpoint_every` iterations and at the end. `resume=True`
 continues from the checkpoint's exact state (weights, optimizer, task generator, RNG), so
-N + N resumed iterations equal 2N straight.
+N + N resumed iterations equal 2N straight (metric lines logged after that checkpoint by the
+stopped run are dropped, since the resumed run logs those iterations again).
 
 A non-finite meta-loss stops the run with a clear message; it is checked at every log step and
 before every checkpoint write, so no checkpoint ever holds NaN weights (and the step itself never
@@ -73,6 +74,25 @@ def _finite(exp: Experiment) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in exp.meta_parameters)
 
 
+def _forget_after(metrics_file: Path, iteration: int) -> None:
+    """Drop metric lines past `iteration`: a run that stopped between checkpoints logged
+    iterations its resumed run will redo, and they must not appear twice in the curves."""
+    if not metrics_file.is_file():
+        return
+    def before(line: str) -> bool:
+        try:
+            return json.loads(line)["iteration"] <= iteration
+        except (ValueError, KeyError, TypeError):  # a line cut short by the stop
+            return False
+
+    lines = metrics_file.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if before(line)]
+    if len(kept) != len(lines):
+        tmp = metrics_file.with_name(f".{metrics_file.name}.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(metrics_file)
+
+
 def train(
     cfg: Config, resume: bool = False, progress: bool = True, max_minutes: float | None = None,
     ranks: Ranks = SINGLE,
@@ -113,6 +133,8 @@ def train(
     main = ranks.is_main
     if main:
         where["metrics"].parent.mkdir(parents=True, exist_ok=True)
+    if main and resume:
+        _forget_after(where["metrics"], start)
     log = where["metrics"].open("a" if resume else "w") if main else None
 
     def snapshot(iteration: int) -> dict[str, Any]:
@@ -160,12 +182,14 @@ def train(
             opt.step()
             bar.update(1)
             done = it + 1
-            if done % cfg.log_every == 0 or done == cfg.iterations:
+            last = done == cfg.iterations
+            validate = done % cfg.val_every == 0 or last  # its own schedule, not only at log steps
+            if done % cfg.log_every == 0 or validate:
                 running = {k: v.item() for k, v in stats.items()}
                 stop_if_diverged(done, running["loss"])
                 bar.set_postfix({k: f"{v:.4f}" for k, v in running.items()})
                 record = {"iteration": done, "seconds": time.perf_counter() - t0, **running}
-                if done % cfg.val_every == 0 or done == cfg.iterations:
+                if validate:
                     val_start = time.perf_counter()
                     val = _validate(exp, engine, ranks)
                     t0 += time.perf_counter() - val_start  # the clock counts training only
@@ -181,7 +205,7 @@ def train(
             # every rank must stop at the same iteration: rank 0's clock decides
             out_of_time = deadline is not None and distributed.main_decides(
                 time.perf_counter() > deadline, ranks)
-            if done % cfg.checkpoint_every == 0 or done == cfg.iterations or out_of_time:
+            if done % cfg.checkpoint_every == 0 or last or out_of_time:
                 stop_if_diverged(done, stats["loss"].item())
                 metrics["seconds"] = time.perf_counter() - t0
                 save(where["latest"], done)

@@ -65,6 +65,31 @@ def test_resume_continues_exactly(tmp_path, learn):
     assert [r["iteration"] for r in lines] == [5, 10, 15, 20]
 
 
+def test_resume_drops_metric_lines_logged_after_the_checkpoint(tmp_path):
+    straight = sinusoid_config(tmp_path / "a", iterations=20)
+    train(straight, progress=False)
+    logged = paths(straight.checkpoint)["metrics"].read_text().splitlines(keepends=True)
+    stopped = sinusoid_config(tmp_path / "b", iterations=10)
+    train(stopped, progress=False)
+    # the stopped run had logged iterations 15 and 20 past its last checkpoint, the last line cut short
+    with paths(stopped.checkpoint)["metrics"].open("a") as f:
+        f.writelines(logged[2:])
+        f.write('{"iteration": 2')
+    train(sinusoid_config(tmp_path / "b", iterations=20), resume=True, progress=False)
+    lines = [json.loads(line) for line in paths(stopped.checkpoint)["metrics"].read_text().splitlines()]
+    expected = [json.loads(line) for line in logged]
+    assert [r["iteration"] for r in lines] == [5, 10, 15, 20]
+    assert [r["loss"] for r in lines] == [r["loss"] for r in expected]
+
+
+def test_validation_keeps_its_own_schedule(tmp_path):
+    cfg = sinusoid_config(tmp_path, iterations=12, log_every=4, val_every=6, checkpoint_every=12)
+    train(cfg, progress=False)
+    lines = [json.loads(line) for line in paths(cfg.checkpoint)["metrics"].read_text().splitlines()]
+    assert [r["iteration"] for r in lines] == [4, 6, 8, 12]
+    assert [r["iteration"] for r in lines if "val_mse" in r] == [6, 12]
+
+
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     runs = {}
     for name, seed in [("a", 3), ("b", 3), ("c", 4)]:
