@@ -131,6 +131,7 @@ class CLI:
         """Adapt to new tasks from the meta-test split; report the metric with a 95% CI.
 
         `--k-shot` / `--q-query` evaluate with other support / query sizes than training used.
+        `--json` prints the result as one JSON object instead of the sentence.
         """
         import json as json_lib
 
@@ -167,12 +168,12 @@ class CLI:
             return
         result.pop("per_task")
         result.update(checkpoint=checkpoint, dataset=cfg.dataset, iteration=state["iteration"])
-        name = result["metric"]
-        print(f"{cfg.dataset}: {name} after {steps} steps {result['mean']:.4f} "
+        if json:  # standard output holds the JSON alone, for `| jq` and other programs
+            print(json_lib.dumps(result))
+            return
+        print(f"{cfg.dataset}: {result['metric']} after {steps} steps {result['mean']:.4f} "
               f"+- {result['ci95']:.4f} (before adaptation {result['before']['mean']:.4f} "
               f"+- {result['before']['ci95']:.4f}) over {tasks} {split} tasks")
-        if json:
-            print(json_lib.dumps(result))
 
 
     def plot(self, checkpoint: str, out: str | None = None) -> None:

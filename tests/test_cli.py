@@ -37,7 +37,7 @@ def test_train_then_eval_json_end_to_end(tmp_path):
     evaluation = run_cli("eval", "--checkpoint", str(ckpt), "--tasks", "7", "--inner-steps", "2",
                          "--k-shot", "5", "--json")
     assert evaluation.returncode == 0, evaluation.stderr
-    result = json.loads(evaluation.stdout.strip().splitlines()[-1])
+    result = json.loads(evaluation.stdout)  # the JSON alone, so programs can read it
     assert result["metric"] == "mse" and result["tasks"] == 7 and result["inner_steps"] == 2
     assert result["mean"] > 0 and result["ci95"] > 0 and "before" in result
     assert "Traceback" not in evaluation.stderr
