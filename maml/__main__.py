@@ -7,8 +7,15 @@ work is spread over the processes (`maml.distributed`) and rank 0 alone prints.
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import json
+import re
 import sys
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +23,72 @@ import fire
 import torch
 
 from maml.errors import UsageError, exit_status
+
+KINDS = {bool: "a flag (true or false)", int: "an integer", float: "a number", str: "text"}
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """`value` as the type `hint` asks for, or a one-line error naming the option."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    options = typing.get_args(hint) if union else (hint,)
+    if value is None and type(None) in options:
+        return None
+    plain = not isinstance(value, bool)
+    for kind in options:
+        if kind is bool and isinstance(value, bool) or kind is int and plain and isinstance(value, int):
+            return value
+        if kind is float and plain and isinstance(value, int | float):
+            return float(value)
+        if kind is str and plain and isinstance(value, str | int | float):
+            return str(value)  # fire reads `--checkpoint 2024` as a number
+    flag = "--" + name.replace("_", "-")
+    if value is True:
+        raise UsageError(f"{flag} needs a value")
+    wanted = " or ".join(KINDS[k] for k in options if k in KINDS)
+    raise UsageError(f"{flag} must be {wanted}, got {value!r}")
+
+
+def checked(command: Callable) -> Callable:
+    """Check every option against its type hint before `command` runs: fire passes a value as
+    whatever it parses as (`--iterations abc` arrives as the string 'abc')."""
+    signature, hints = inspect.signature(command), typing.get_type_hints(command)
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        for name, value in bound.arguments.items():
+            if hints.get(name, Any) is not Any and name != "return":
+                bound.arguments[name] = _coerce(name, value, hints[name])
+        return command(*bound.args, **bound.kwargs)
+
+    return run
+
+
+def check_options(argv: list[str]) -> None:
+    """Refuse an unknown `--option` before anything runs. Fire would run the command first and
+    only then complain about the option it could not use, so a typo would start (and overwrite)
+    a whole training run."""
+    command = getattr(CLI, argv[0], None) if argv else None
+    if command is None or argv[0].startswith("_"):
+        return  # fire names an unknown command itself
+    known = [p for p in inspect.signature(command).parameters if p != "self"]
+    is_flag = re.compile(r"^(--|-[a-zA-Z])").match
+    rest, value_next = argv[1:], False
+    for i, token in enumerate(rest):
+        if token == "--":
+            return  # what follows is fire's own flags
+        if value_next or not is_flag(token):
+            value_next = False
+            continue
+        value_next = "=" not in token and i + 1 < len(rest) and not is_flag(rest[i + 1])
+        key = token.lstrip("-").split("=", 1)[0].replace("-", "_")
+        if (key in known or key in ("help", "h") or key[:2] == "no" and key[2:] in known
+                or len(key) == 1 and any(p.startswith(key) for p in known)):
+            continue
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"; did you mean --{close[0].replace('_', '-')}?" if close else ""
+        raise UsageError(f"`{argv[0]}` has no option --{key.replace('_', '-')}{hint} "
+                         f"(see python -m maml {argv[0]} --help)")
 
 
 def _kwargs(value: Any) -> dict[str, Any]:
@@ -35,6 +108,7 @@ def _kwargs(value: Any) -> dict[str, Any]:
 class CLI:
     """MAML meta-training and evaluation of any PyTorch model."""
 
+    @checked
     def train(
         self,
         dataset: str = "sinusoid",
@@ -111,6 +185,7 @@ class CLI:
               + (f"; best validation {best:.4f} at iteration {result['best_iteration']}"
                  if best is not None else ""))
 
+    @checked
     def eval(
         self,
         checkpoint: str,
@@ -176,6 +251,7 @@ class CLI:
               f"+- {result['before']['ci95']:.4f}) over {tasks} {split} tasks")
 
 
+    @checked
     def plot(self, checkpoint: str, out: str | None = None) -> None:
         """Draw the run's learning curves (validation metric against iterations and seconds)."""
         from maml.curves import plot_curves
@@ -189,7 +265,13 @@ class CLI:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return exit_status(lambda: fire.Fire(CLI, command=argv, name="python -m maml"))
+    argv = sys.argv[1:] if argv is None else argv
+
+    def run() -> None:
+        check_options(argv)
+        fire.Fire(CLI, command=argv, name="python -m maml")
+
+    return exit_status(run)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,9 @@ class Config:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.inner_steps < 0 or self.eval_inner_steps < 0:
             raise UsageError("--inner-steps and --eval-inner-steps must be >= 0")
+        if self.inner_lr is not None and self.inner_lr < 0:
+            raise UsageError(f"--inner-lr must be >= 0 (a step size down the support loss), "
+                             f"got {self.inner_lr}")
         if self.meta_lr <= 0:
             raise UsageError(f"--meta-lr must be > 0, got {self.meta_lr}")
         if self.learn_inner_lr and self.inner_steps < 1:

@@ -91,6 +91,36 @@ def test_bad_training_input_is_one_clear_line(tmp_path, capsys):
     assert "no CUDA GPU" in bad(capsys, "train", "--device", "cuda", *ck) or torch.cuda.is_available()
 
 
+def test_option_typos_and_wrong_types_stop_before_anything_runs(tmp_path, capsys, monkeypatch):
+    ckpt = tmp_path / "x.pt"
+    ck = ["--checkpoint", str(ckpt), "--quiet"]
+    # fire alone would train first and complain about the unknown option afterwards
+    assert "no option --itertions; did you mean --iterations?" in bad(
+        capsys, "train", "--itertions", "5", *ck)
+    assert not ckpt.exists() and not list(tmp_path.iterdir())
+    assert "--iterations must be an integer, got 'abc'" in bad(capsys, "train", "--iterations", "abc", *ck)
+    assert "--iterations must be an integer, got 5.5" in bad(capsys, "train", "--iterations=5.5", *ck)
+    assert "--meta-lr must be a number, got 'x'" in bad(capsys, "train", "--meta-lr", "x", *ck)
+    assert "--checkpoint needs a value" in bad(capsys, "train", "--iterations", "1", "--checkpoint")
+    assert "--inner-lr must be >= 0" in bad(capsys, "train", "--inner-lr", "-0.1", *ck)
+    assert "no option --outt; did you mean --out?" in bad(capsys, "plot", str(ckpt), "--outt", "a")
+    assert not list(tmp_path.iterdir())
+    # a path that fire reads as a number is still a path
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--checkpoint", "2024", "--iterations=2", "--meta-batch-size", "2",
+                 "--val-tasks", "2", "--quiet", "--nofirst-order"]) == 0
+    assert torch.load(tmp_path / "2024", weights_only=True)["iteration"] == 2
+
+
+def test_a_path_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code = main(["train", "--checkpoint", str(blocker / "m.pt"), "--iterations", "1", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and str(blocker) in err
+
+
 def test_bad_checkpoints_are_one_clear_line(tmp_path, capsys, sinusoid_ckpt):
     assert "does not exist" in bad(capsys, "eval", "--checkpoint", str(tmp_path / "missing.pt"))
     truncated = tmp_path / "truncated.pt"
