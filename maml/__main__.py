@@ -218,8 +218,9 @@ class CLI:
         from maml.experiment import restore
         from maml.train import select_engine
 
-        if tasks < 1:
-            raise UsageError(f"--tasks must be >= 1, got {tasks}")
+        if tasks < 1 or batch_size < 1:
+            name, value = ("tasks", tasks) if tasks < 1 else ("batch-size", batch_size)
+            raise UsageError(f"--{name} must be >= 1, got {value}")
         state = ckpt.load(checkpoint)
         overrides = {k: v for k, v in (("k_shot", k_shot), ("q_query", q_query)) if v is not None}
         ranks, device = distributed.start(device, dist_timeout)

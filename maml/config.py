@@ -89,7 +89,7 @@ class Config:
 
     def check(self) -> None:
         positive = ["k_shot", "q_query", "meta_batch_size", "iterations", "log_every",
-                    "val_every", "checkpoint_every"]
+                    "val_every", "val_tasks", "checkpoint_every"]
         for name in positive:
             if getattr(self, name) is None or getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -98,6 +98,9 @@ class Config:
         if self.inner_lr is not None and self.inner_lr < 0:
             raise UsageError(f"--inner-lr must be >= 0 (a step size down the support loss), "
                              f"got {self.inner_lr}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise UsageError(f"--grad-clip must be > 0 (the largest meta-gradient norm), "
+                             f"got {self.grad_clip}")
         if self.meta_lr <= 0:
             raise UsageError(f"--meta-lr must be > 0, got {self.meta_lr}")
         if self.learn_inner_lr and self.inner_steps < 1:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from maml.adaptation import InnerLoop, task_loss
 from maml.distributed import SINGLE, Ranks
+from maml.errors import UsageError
 from maml.tasks import TaskBatch
 
 
@@ -36,6 +37,8 @@ def summary(values: Tensor) -> dict[str, float]:
 def eval_batches(source, tasks: int, generator: torch.Generator, split: str = "test",
                  batch_size: int = 25) -> Iterator[TaskBatch]:
     """The evaluation tasks, in batches: the same seed gives the same tasks to every consumer."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     done = 0
     while done < tasks:
         batch = source.sample(min(batch_size, tasks - done), generator, split)

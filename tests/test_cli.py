@@ -103,6 +103,8 @@ def test_option_typos_and_wrong_types_stop_before_anything_runs(tmp_path, capsys
     assert "--meta-lr must be a number, got 'x'" in bad(capsys, "train", "--meta-lr", "x", *ck)
     assert "--checkpoint needs a value" in bad(capsys, "train", "--iterations", "1", "--checkpoint")
     assert "--inner-lr must be >= 0" in bad(capsys, "train", "--inner-lr", "-0.1", *ck)
+    assert "--grad-clip must be > 0" in bad(capsys, "train", "--grad-clip", "-1", *ck)
+    assert "--val-tasks must be >= 1" in bad(capsys, "train", "--val-tasks", "0", *ck)
     assert "no option --outt; did you mean --out?" in bad(capsys, "plot", str(ckpt), "--outt", "a")
     assert not list(tmp_path.iterdir())
     # a path that fire reads as a number is still a path
@@ -141,6 +143,8 @@ def test_bad_checkpoints_are_one_clear_line(tmp_path, capsys, sinusoid_ckpt):
                                          "--tasks", "0")
     assert "--k-shot must be >= 1" in bad(capsys, "eval", "--checkpoint", str(sinusoid_ckpt),
                                           "--k-shot", "0")
+    assert "--batch-size must be >= 1" in bad(capsys, "eval", "--checkpoint", str(sinusoid_ckpt),
+                                              "--batch-size", "0")  # was an endless loop
 
 
 def test_exit_status_and_no_traceback_from_a_real_process(tmp_path):
