@@ -259,6 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.benchmark is None:
         p.error("name a benchmark, or pass --table")
+    if args.minutes is not None and args.minutes <= 0:
+        p.error(f"--minutes must be > 0, got {args.minutes}")
+    for name in ("iterations", "tasks", "val_every", "log_every"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     return exit_status(lambda: run(args.benchmark, args))
 
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -69,3 +71,19 @@ def test_table_lists_each_machines_run_of_a_benchmark(tmp_path):
     assert "98.09 +- 0.20" in rows[1] and rows[1].endswith("| NVIDIA H100 80GB HBM3 |")
     assert "10/60000 (partial)" in rows[1]
     assert "| omniglot-5w5s | 5-shot, 3 steps | 99.9 +- 0.1 | not run yet |" in reproduce.table(tmp_path)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--minutes", "-1"], "--minutes must be > 0"),
+    (["--tasks", "0"], "--tasks must be >= 1"),
+    (["--iterations", "0"], "--iterations must be >= 1"),
+    (["--val-every", "0"], "--val-every must be >= 1"),
+])
+def test_bad_settings_are_refused_before_anything_runs(tmp_path, capsys, flags, message):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import reproduce
+
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main(["sinusoid", "--out", str(tmp_path), *flags])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
