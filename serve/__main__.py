@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="concurrent connections before answering 503")
     p.add_argument("--static", type=Path, default=None,
                    help="folder served at / (default serve/static/ when it has an index.html)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info",
+                   choices=("critical", "error", "warning", "info", "debug", "trace"))
     p.add_argument("--no-access-log", action="store_true")
     return p.parse_args(argv)
 
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.threads < 1 or args.max_body_bytes < 1 or args.max_connections < 1:
             raise UsageError("--threads, --max-body-bytes and --max-connections must be >= 1")
+        if args.intra_op_threads < 0:
+            raise UsageError(f"--intra-op-threads must be >= 0 (0: all cores), "
+                             f"got {args.intra_op_threads}")
         if args.static is not None and not (args.static / "index.html").is_file():
             raise UsageError(f"--static {args.static} has no index.html")
         adapter = load(args.adapter, args.backend, threads=args.intra_op_threads,

@@ -197,15 +197,23 @@ def test_tasks_are_evicted_by_count_and_idle_time(sine, server_factory, tmp_path
     assert httpx.get(by_time.url + "/healthz").json()["tasks"] == 0
 
 
-def test_command_line_errors_are_one_line(tmp_path):
+def test_command_line_errors_are_one_line(tmp_path, sine):
+    adapter = ["--adapter", str(sine.directory)]
     for args, message in (
         (["--adapter", str(tmp_path / "missing")], "does not exist"),
         (["--adapter", str(tmp_path)], "has no adapter.json"),
+        ([*adapter, "--threads", "0"], "must be >= 1"),
+        ([*adapter, "--intra-op-threads", "-1"], "--intra-op-threads must be >= 0"),
+        ([*adapter, "--port", "99999"], "pick another --port"),
     ):
         result = subprocess.run([sys.executable, "-m", "serve", *args], cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)
-        assert result.returncode == 2 and result.stderr.startswith("error: ")
+        assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    wrong = subprocess.run([sys.executable, "-m", "serve", *adapter, "--log-level", "loud"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "invalid choice: 'loud'" in wrong.stderr  # was a KeyError
+    assert "Traceback" not in wrong.stderr
 
 
 def test_load_test_script_reports_no_errors(sine, tmp_path):
