@@ -24,7 +24,7 @@ import torch
 
 from maml.errors import UsageError, exit_status
 
-KINDS = {bool: "a flag (true or false)", int: "an integer", float: "a number", str: "text"}
+KINDS = {int: "an integer", float: "a number", str: "text"}
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
@@ -44,6 +44,9 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     flag = "--" + name.replace("_", "-")
     if value is True:
         raise UsageError(f"{flag} needs a value")
+    if bool in options:
+        raise UsageError(f"{flag} is a switch: give {flag} alone to turn it on, or "
+                         f"--no{name.replace('_', '-')}, not {flag} {value!r}")
     wanted = " or ".join(KINDS[k] for k in options if k in KINDS)
     raise UsageError(f"{flag} must be {wanted}, got {value!r}")
 
@@ -57,7 +60,7 @@ def checked(command: Callable) -> Callable:
     def run(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
         for name, value in bound.arguments.items():
-            if hints.get(name, Any) is not Any and name != "return":
+            if hints.get(name, Any) is not Any:
                 bound.arguments[name] = _coerce(name, value, hints[name])
         return command(*bound.args, **bound.kwargs)
 

@@ -102,6 +102,7 @@ def test_option_typos_and_wrong_types_stop_before_anything_runs(tmp_path, capsys
     assert "--iterations must be an integer, got 5.5" in bad(capsys, "train", "--iterations=5.5", *ck)
     assert "--meta-lr must be a number, got 'x'" in bad(capsys, "train", "--meta-lr", "x", *ck)
     assert "--checkpoint needs a value" in bad(capsys, "train", "--iterations", "1", "--checkpoint")
+    assert "--first-order is a switch" in bad(capsys, "train", "--first-order", "3", *ck)
     assert "--inner-lr must be >= 0" in bad(capsys, "train", "--inner-lr", "-0.1", *ck)
     assert "--grad-clip must be > 0" in bad(capsys, "train", "--grad-clip", "-1", *ck)
     assert "--val-tasks must be >= 1" in bad(capsys, "train", "--val-tasks", "0", *ck)
