@@ -13,11 +13,15 @@ Why the second clause: both sides compute in float32 a function that is only pie
 rounding distance. There, equally correct float32 programs differ by far more than `TOLERANCE`.
 The noise of a task is measured, not assumed (`task_noise`): the larger of the reference's
 distance to the same inner loop in float64, and how far the float64 loop moves when the support
-images move by `PERTURBATION` (relative; a few float32 rounding steps). A 20-way 5-step run's
+images, or the meta-learned weights, move by `PERTURBATION` (relative; a few float32 rounding
+steps). A 20-way 5-step run's
 reference was 2.8e-3 from float64 on one task; on a full-width max-pool net the float64 loop
 moved by up to 0.14 under a 1e-6 perturbation, and an onnxruntime adapter 5.5e-4 from the
-reference (which was 7e-6 from float64) was within that. A wrong export (a wrong step size,
-loss or batch-norm mode) differs on the well-conditioned tasks too, where the noise is ~1e-6.
+reference (which was 7e-6 from float64) was within that. On a later 20-way checkpoint the
+float64 loop hardly moved with the images (9e-6) but moved by 1.8e-3 with the weights, as far as
+its onnxruntime adapter was from the reference (which was 6e-6 from float64). A wrong export
+(a wrong step size, loss or batch-norm mode) differs on the well-conditioned tasks too, where
+the noise is ~1e-5.
 The tasks come from the run's test split with two support sizes (the run's shot count and
 another), which also checks that the files accept a varying number of examples.
 """
@@ -94,20 +98,33 @@ class Noise:
 def task_noise(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop,
                task: TaskBatch, ref: np.ndarray) -> Noise:
     """Measure a task's noise: the reference's float32 error and the float64 inner loop's
-    spread under `PERTURBED_RUNS` support perturbations of relative size `PERTURBATION`."""
+    spread under `PERTURBED_RUNS` perturbations of relative size `PERTURBATION` of the support
+    images, and as many of the meta-learned weights (a float32 program rounds the weights at
+    every step, a direction that jittering the images alone can miss)."""
     exact = _exact(exp, learned, inner, task)
     outputs = [ref.astype(np.float64), exact]
     spread = 0.0
     for seed in range(PERTURBED_RUNS):
         jitter = torch.randn(task.support_x.shape, generator=torch.Generator().manual_seed(seed))
         moved = dataclasses.replace(task, support_x=task.support_x * (1 + PERTURBATION * jitter))
-        out = _exact(exp, learned, inner, moved)
-        spread = max(spread, float(np.abs(out - exact).max()))
-        outputs.append(out)
+        for out in (_exact(exp, learned, inner, moved),
+                    _exact(_jittered(exp, seed), learned, inner, task)):
+            spread = max(spread, float(np.abs(out - exact).max()))
+            outputs.append(out)
     predictions = None
     if inner.loss == "cross_entropy":
         predictions = np.stack([o.argmax(-1) for o in outputs])  # (runs, Q)
     return Noise(float(np.abs(outputs[0] - exact).max()), spread, predictions)
+
+
+def _jittered(exp: Experiment, seed: int) -> Experiment:
+    """`exp` with every weight scaled by `1 + PERTURBATION * N(0, 1)`, elementwise."""
+    model = copy.deepcopy(exp.model)
+    generator = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + PERTURBATION * torch.randn(p.shape, generator=generator).to(p.dtype))
+    return dataclasses.replace(exp, model=model)
 
 
 def _exact(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop,

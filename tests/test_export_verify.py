@@ -8,6 +8,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 import export.verify as verify_module
 from export.verify import TOLERANCE, Noise, reference, sample_tasks, task_noise, verify
@@ -43,6 +44,18 @@ def test_a_well_conditioned_task_has_a_tiny_measured_noise(setup):
         assert 0 < noise.float32_error < 1e-5 and 0 < noise.perturbation_spread < 1e-5, noise
         assert noise.scale == max(noise.float32_error, noise.perturbation_spread)
         assert noise.predictions is None  # regression: no classes to compare
+
+
+def test_the_noise_also_moves_the_weights(setup):
+    """All-zero support inputs do not move under a relative jitter of the images, yet the
+    float64 loop still moves when the weights do: that spread is part of the noise (a 20-way
+    checkpoint's ONNX adapter differed by exactly such a weight-direction near-tie)."""
+    exp, inner, tasks = setup
+    zeros = dataclasses.replace(tasks[0], support_x=tasks[0].support_x * 0)
+    before = [p.clone() for p in exp.model.parameters()]
+    noise = task_noise(exp, None, inner, zeros, reference(exp, None, inner, zeros))
+    assert 0 < noise.perturbation_spread < 1e-4, noise
+    assert all(torch.equal(a, b) for a, b in zip(before, exp.model.parameters()))  # untouched
 
 
 def test_within_the_absolute_bound_passes(setup, monkeypatch):
