@@ -38,8 +38,11 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if kind is bool and isinstance(value, bool) or kind is int and plain and isinstance(value, int):
             return value
         if kind is float and plain and isinstance(value, int | float):
-            return float(value)
-        if kind is str and plain and isinstance(value, str | int | float):
+            return value
+        if kind is str and plain and isinstance(value, str):
+            return value
+    for kind in options:
+        if kind is str and plain and isinstance(value, int | float):
             return str(value)  # fire reads `--checkpoint 2024` as a number
     flag = "--" + name.replace("_", "-")
     if value is True:
@@ -136,7 +139,7 @@ class CLI:
         seed: int = 0,
         device: str = "cpu",
         engine: str = "auto",
-        task_chunk: int | None = None,
+        task_chunk: int | str | None = None,  # a number, or "auto" (sized to the budget)
         memory_budget_mb: float | None = None,
         compile: bool = False,  # noqa: A002 - the flag is --compile
         cuda_graphs: bool = False,
@@ -200,7 +203,7 @@ class CLI:
         seed: int = 1234,
         device: str = "cpu",
         engine: str | None = None,
-        task_chunk: int | None = None,
+        task_chunk: int | str | None = None,  # a number, or "auto" (sized to the budget)
         batch_size: int = 25,
         json: bool = False,  # noqa: A002 - the flag is --json
         quiet: bool = False,

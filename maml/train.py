@@ -79,6 +79,7 @@ def _forget_after(metrics_file: Path, iteration: int) -> None:
     iterations its resumed run will redo, and they must not appear twice in the curves."""
     if not metrics_file.is_file():
         return
+
     def before(line: str) -> bool:
         try:
             return json.loads(line)["iteration"] <= iteration
