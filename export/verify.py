@@ -14,12 +14,12 @@ rounding distance. There, equally correct float32 programs differ by far more th
 The noise of a task is measured, not assumed (`task_noise`): the larger of the reference's
 distance to the same inner loop in float64, and how far the float64 loop moves when the support
 images, or the meta-learned weights, move by `PERTURBATION` (relative; a few float32 rounding
-steps). A 20-way 5-step run's
-reference was 2.8e-3 from float64 on one task; on a full-width max-pool net the float64 loop
-moved by up to 0.14 under a 1e-6 perturbation, and an onnxruntime adapter 5.5e-4 from the
-reference (which was 7e-6 from float64) was within that. On a later 20-way checkpoint the
-float64 loop hardly moved with the images (9e-6) but moved by 1.8e-3 with the weights, as far as
-its onnxruntime adapter was from the reference (which was 6e-6 from float64). A wrong export
+steps). A 20-way 5-step run's reference was 2.8e-3 from float64 on one task; on a full-width
+max-pool net the float64 loop moved by up to 0.14 under a 1e-6 perturbation, and an
+onnxruntime adapter 5.5e-4 from the reference (which was 7e-6 from float64) was within that.
+On a later 20-way checkpoint the float64 loop hardly moved with the images (9e-6) but moved by
+1.8e-3 with the weights, as far as its onnxruntime adapter was from the reference (which was
+6e-6 from float64). A wrong export
 (a wrong step size, loss or batch-norm mode) differs on the well-conditioned tasks too, where
 the noise is ~1e-5.
 The tasks come from the run's test split with two support sizes (the run's shot count and
@@ -108,7 +108,7 @@ def task_noise(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop,
         jitter = torch.randn(task.support_x.shape, generator=torch.Generator().manual_seed(seed))
         moved = dataclasses.replace(task, support_x=task.support_x * (1 + PERTURBATION * jitter))
         for out in (_exact(exp, learned, inner, moved),
-                    _exact(_jittered(exp, seed), learned, inner, task)):
+                    _exact(exp, learned, inner, task, weight_jitter=seed)):
             spread = max(spread, float(np.abs(out - exact).max()))
             outputs.append(out)
     predictions = None
@@ -117,22 +117,20 @@ def task_noise(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop,
     return Noise(float(np.abs(outputs[0] - exact).max()), spread, predictions)
 
 
-def _jittered(exp: Experiment, seed: int) -> Experiment:
-    """`exp` with every weight scaled by `1 + PERTURBATION * N(0, 1)`, elementwise."""
-    model = copy.deepcopy(exp.model)
-    generator = torch.Generator().manual_seed(1000 + seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(1 + PERTURBATION * torch.randn(p.shape, generator=generator).to(p.dtype))
-    return dataclasses.replace(exp, model=model)
-
-
 def _exact(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop,
-           task: TaskBatch) -> np.ndarray:
-    """The reference inner loop in float64."""
-    exp64 = dataclasses.replace(exp, model=copy.deepcopy(exp.model).double())
+           task: TaskBatch, weight_jitter: int | None = None) -> np.ndarray:
+    """The reference inner loop in float64; with `weight_jitter` (a seed), from weights scaled
+    elementwise by `1 + PERTURBATION * N(0, 1)`."""
+    model = copy.deepcopy(exp.model)
+    if weight_jitter is not None:  # on the run's own weights, then to float64 with the rest
+        generator = torch.Generator().manual_seed(1000 + weight_jitter)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1 + PERTURBATION * torch.randn(p.shape, generator=generator).to(p.dtype))
+    model = model.double()
     learned64 = None if learned is None else learned.detach().double()
-    return reference(exp64, learned64, inner, task.to("cpu", torch.float64))
+    return reference(dataclasses.replace(exp, model=model), learned64, inner,
+                     task.to("cpu", torch.float64))
 
 
 def onnx_runner(folder: Path, files: dict[str, str]) -> Runner:

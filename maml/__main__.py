@@ -24,7 +24,8 @@ import torch
 
 from maml.errors import UsageError, exit_status
 
-KINDS = {int: "an integer", float: "a number", str: "text"}
+KINDS = {int: (int, "an integer"), float: (int | float, "a number"), str: (str, "text")}
+"""What each annotated type accepts from fire's parsed values, and how an error names it."""
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
@@ -33,24 +34,19 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     options = typing.get_args(hint) if union else (hint,)
     if value is None and type(None) in options:
         return None
-    plain = not isinstance(value, bool)
-    for kind in options:
-        if kind is bool and isinstance(value, bool) or kind is int and plain and isinstance(value, int):
-            return value
-        if kind is float and plain and isinstance(value, int | float):
-            return value
-        if kind is str and plain and isinstance(value, str):
-            return value
-    for kind in options:
-        if kind is str and plain and isinstance(value, int | float):
-            return str(value)  # fire reads `--checkpoint 2024` as a number
+    plain = not isinstance(value, bool)  # bool is an int; only switches take it
+    if any(kind is bool and not plain or plain and kind in KINDS and isinstance(value, KINDS[kind][0])
+           for kind in options):
+        return value
+    if str in options and plain and isinstance(value, int | float):
+        return str(value)  # fire reads `--checkpoint 2024` as a number
     flag = "--" + name.replace("_", "-")
     if value is True:
         raise UsageError(f"{flag} needs a value")
     if bool in options:
         raise UsageError(f"{flag} is a switch: give {flag} alone to turn it on, or "
                          f"--no{name.replace('_', '-')}, not {flag} {value!r}")
-    wanted = " or ".join(KINDS[k] for k in options if k in KINDS)
+    wanted = " or ".join(KINDS[k][1] for k in options if k in KINDS)
     raise UsageError(f"{flag} must be {wanted}, got {value!r}")
 
 
