@@ -57,7 +57,29 @@ def to_onnx(gm: GraphModule, example: tuple[torch.Tensor, ...], input_names: lis
             )
     except Exception as exc:
         raise UsageError(f"cannot export to ONNX: {_unsupported(exc)}") from None
-    return program.model_proto
+    return _outputs_from_nodes(program.model_proto)
+
+
+def _outputs_from_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every graph output a producing node.
+
+    A weight the forward never uses has a zero gradient, so `adapt` returns it unchanged and the
+    exporter folds that output into a constant: the output *is* an initializer (with a value_info
+    of the same name). ONNX's model composition renames both and then cannot find the output, so
+    the constant gets its own name and an Identity produces the output.
+    """
+    graph = model.graph
+    constants = {t.name: t for t in graph.initializer}
+    outputs = {out.name for out in graph.output}
+    kept = [info for info in graph.value_info if info.name not in outputs]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    for out in graph.output:
+        if out.name in constants:
+            constants[out.name].name = f"{out.name}_constant"
+            graph.node.append(onnx.helper.make_node(
+                "Identity", [f"{out.name}_constant"], [out.name], name=f"{out.name}_identity"))
+    return model
 
 
 def compose(adapt: onnx.ModelProto, predict: onnx.ModelProto, n_params: int) -> onnx.ModelProto:

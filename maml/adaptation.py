@@ -24,6 +24,9 @@ Conventions, documented here and nowhere else:
   shape. Adapting for more steps than the table has rows reuses its last row.
 - First order: the support gradients are treated as constants (no graph through them), which is
   first-order MAML; learned step sizes still receive their (first-order) gradient.
+- Every parameter of the model is adapted and meta-learned. A parameter the forward does not use
+  has a zero gradient, so it stays where it is. A frozen parameter (`requires_grad=False`) is
+  refused by `check_adaptable`: fixed tensors belong in buffers.
 """
 
 from __future__ import annotations
@@ -123,9 +126,26 @@ def autograd_grad(create_graph: bool) -> GradFn:
     """A `GradFn` from `torch.autograd.grad`; `create_graph=True` keeps second-order terms."""
 
     def grad(loss_of: Callable[[Params], Tensor], params: Params) -> Params:
-        return torch.autograd.grad(loss_of(params), params, create_graph=create_graph)
+        return torch.autograd.grad(
+            loss_of(params), params, create_graph=create_graph, materialize_grads=True
+        )  # materialize: an unused parameter gets zeros, as under `torch.func.grad`
 
     return grad
+
+
+def check_adaptable(model: nn.Module) -> None:
+    """Refuse a model with frozen parameters, naming them: MAML adapts every parameter.
+
+    A frozen parameter has no single right meaning here (adapted but not meta-learned? neither?),
+    and the engines would disagree about it; a buffer is PyTorch's way to say "a fixed tensor".
+    """
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        shown = ", ".join(frozen[:3]) + (f" and {len(frozen) - 3} more" if len(frozen) > 3 else "")
+        raise ValueError(
+            f"the model has frozen parameters ({shown}); MAML adapts and meta-learns every "
+            "parameter: unfreeze them, or keep fixed tensors as buffers (register_buffer)"
+        )
 
 
 def use_batch_statistics(model: nn.Module) -> nn.Module:
@@ -144,6 +164,7 @@ def use_batch_statistics(model: nn.Module) -> nn.Module:
 
 def functional_forward(model: nn.Module) -> Forward:
     """`forward(params, x)` through `torch.func.functional_call`, in MAML's batch-norm mode."""
+    check_adaptable(model)
     names = [name for name, _ in model.named_parameters()]
     use_batch_statistics(model)
 

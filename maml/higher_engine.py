@@ -24,6 +24,7 @@ from maml.adaptation import (
     Params,
     adapt,
     autograd_grad,
+    check_adaptable,
     step_size_table,
     task_loss,
     use_batch_statistics,
@@ -32,6 +33,7 @@ from maml.tasks import TaskBatch
 
 
 def _forward(model: nn.Module):
+    check_adaptable(model)
     fmodel = higher.monkeypatch(use_batch_statistics(model), copy_initial_weights=False)
 
     def forward(params: Params, x: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from maml.adaptation import use_batch_statistics
+from maml.adaptation import check_adaptable, use_batch_statistics
 from maml.errors import UsageError
 
 
@@ -133,6 +133,10 @@ def build_model(spec: str, kwargs: dict[str, Any], example_input: torch.Tensor) 
         raise UsageError(f"model {spec!r} rejected its arguments {kwargs}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise UsageError(f"model factory {spec!r} returned {type(model).__name__}, not nn.Module")
+    try:
+        check_adaptable(model)
+    except ValueError as exc:
+        raise UsageError(f"model {spec!r}: {exc}") from None
     use_batch_statistics(model)
     try:
         with torch.no_grad():

@@ -1,10 +1,11 @@
-"""Models that live only in the tests, to check that export is model-agnostic.
+"""Models that live only in the tests, to check that training and export are model-agnostic.
 
 `python -m maml train --model tests.export_models:layernorm_gelu_mlp` trains them like any other.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -25,3 +26,26 @@ def ceil_avgpool_mlp() -> nn.Module:
     """A regression model whose pooling backward has no ONNX decomposition (ceil_mode)."""
     return nn.Sequential(nn.Linear(1, 16), _Grid(), nn.AvgPool2d(3, stride=2, ceil_mode=True),
                          nn.Flatten(), nn.Linear(4, 1))
+
+
+class _WithSpare(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.spare = nn.Linear(3, 2)  # registered, never called: an auxiliary head, say
+        self.register_buffer("scale", torch.tensor([0.5]))  # a fixed tensor, kept as a buffer
+
+    def forward(self, x):
+        return self.body(x * self.scale)
+
+
+def mlp_with_spare_layer(hidden: int = 16) -> nn.Module:
+    """A regression MLP with a parameterised layer its forward never uses, and a buffer."""
+    return _WithSpare(hidden)
+
+
+def frozen_first_layer_mlp() -> nn.Module:
+    """A regression MLP whose first layer is frozen (`requires_grad=False`)."""
+    model = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Linear(16, 1))
+    model[0].requires_grad_(False)
+    return model

@@ -122,6 +122,42 @@ def test_gradient_accumulates_onto_existing_grad():
     assert rel(twice, 2 * once) <= TOL
 
 
+@pytest.mark.parametrize("engine", [higher_engine, batched_engine], ids=["higher", "batched"])
+def test_an_unused_parameter_stays_put_and_changes_nothing_else(engine):
+    """A layer the forward never calls gets zero gradients (inner and outer), and the others get
+    exactly the meta-gradient of the same net without it, learned step sizes included."""
+    from tests.export_models import mlp_with_spare_layer
+
+    torch.manual_seed(0)
+    spared = use_batch_statistics(mlp_with_spare_layer(hidden=16).double())
+    spared.scale.fill_(1.0)  # so that the body alone is the same function
+    plain = spared.body
+    n_body = len(list(plain.parameters()))
+    gen = torch.Generator().manual_seed(3)
+    table = 0.05 * (0.5 + torch.rand(2, n_body + 2, generator=gen, dtype=torch.float64))
+    inner = InnerLoop("mse", 2, 0.05)
+    expected, _ = gradient(higher_engine, plain, nn.Parameter(table[:, :n_body].clone()),
+                           sine_batch(), inner)
+    learned = nn.Parameter(table.clone())
+    for t in [*spared.parameters(), learned]:
+        t.grad = None
+    engine.meta_gradient(spared, learned, sine_batch(), inner)
+    body = [p.grad for p in plain.parameters()] + [learned.grad[:, :n_body]]
+    assert rel(torch.cat([g.flatten() for g in body]), expected) <= TOL
+    for p in spared.spare.parameters():
+        assert p.grad is None or not p.grad.any()
+    assert not learned.grad[:, n_body:].any()
+
+
+@pytest.mark.parametrize("engine", [higher_engine, batched_engine], ids=["higher", "batched"])
+def test_frozen_parameters_are_refused_by_name(engine):
+    from tests.export_models import frozen_first_layer_mlp
+
+    model = frozen_first_layer_mlp().double()
+    with pytest.raises(ValueError, match=r"frozen parameters \(0.weight, 0.bias\).*buffers"):
+        engine.meta_gradient(model, None, sine_batch(), InnerLoop("mse", 1, 0.05))
+
+
 def test_chunk_bounds_cover_every_task_once_in_balanced_chunks():
     for total in (1, 5, 16, 32):
         for chunk in (1, 3, 7, 32, 100):

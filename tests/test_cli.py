@@ -84,6 +84,8 @@ def test_bad_training_input_is_one_clear_line(tmp_path, capsys):
     assert "has no callable 'nope'" in bad(capsys, "train", "--model", "maml.models:nope", *ck)
     assert "must be a JSON object" in bad(capsys, "train", "--model-kwargs", "[1, 2]", *ck)
     assert "rejected its arguments" in bad(capsys, "train", "--model-kwargs", '{"depth": 3}', *ck)
+    frozen = "tests.export_models:frozen_first_layer_mlp"
+    assert "frozen parameters (0.weight, 0.bias)" in bad(capsys, "train", "--model", frozen, *ck)
     omni = ["train", "--dataset", "omniglot", *ck]
     assert "only 20 drawings" in bad(capsys, *omni, "--k-shot", "10", "--q-query", "15")
     assert "exceeds the 423 classes" in bad(capsys, *omni, "--n-way", "424", "--val-chars", "0")

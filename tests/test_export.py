@@ -59,6 +59,9 @@ CASES = {
     "user-module-5step-learned": (
         ["--iterations", "2", "--learn-inner-lr", "--inner-steps", "5",
          "--model", "tests.export_models:layernorm_gelu_mlp"], {"steps": 5, "check": False}),
+    "unused-weight-2step": (  # a layer the forward never calls (a constant output), a buffer
+        ["--iterations", "2", "--model", "tests.export_models:mlp_with_spare_layer"],
+        {"steps": 2, "check": True}),
     "cnn-1step-learned": (
         [*OMNIGLOT, "--model", "cnn", "--model-kwargs", '{"hidden": 8, "blocks": 2}',
          "--learn-inner-lr"], {"steps": 1, "check": True}),
