@@ -22,7 +22,14 @@ from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
-from maml.adaptation import Forward, Params, adapt, functional_forward, step_size_table
+from maml.adaptation import (
+    Forward,
+    Params,
+    adapt,
+    dropout_off,
+    functional_forward,
+    step_size_table,
+)
 from maml.errors import UsageError
 from maml.experiment import Experiment
 
@@ -66,7 +73,13 @@ def routine(exp: Experiment, steps: int | None = None, lr: float | None = None) 
     learned = learned_step_sizes(exp, lr)
     table = step_size_table(steps, len(init), cfg.inner_lr if lr is None else lr, learned,
                             torch.float32)
-    return Routine(functional_forward(model), init, names, table.clone(), cfg.loss)
+    forward = functional_forward(model)
+
+    def deterministic(params: Params, x: Tensor) -> Tensor:  # as in evaluation: no dropout
+        with dropout_off(model):
+            return forward(params, x)
+
+    return Routine(deterministic, init, names, table.clone(), cfg.loss)
 
 
 def learned_step_sizes(exp: Experiment, lr: float | None) -> Tensor | None:

@@ -198,7 +198,13 @@ def verify(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop, fold
             worst[fmt] = max(worst[fmt], d)
         if max(diffs.values()) <= TOLERANCE and all(same_argmax.values()):
             continue
-        # the float64 loops only where the bound is in question
+        # the float64 loops only where the bound is in question, once the reference is a function
+        again = reference(exp, learned, inner, task)
+        if np.abs(again - ref).max() > TOLERANCE:
+            raise UsageError(
+                "the model's forward is random even with dropout off (the same task gave outputs "
+                f"{float(np.abs(again - ref).max()):.2e} apart): an adapter must be a function of "
+                "its inputs, so remove the other random operations from the forward")
         noise = task_noise(exp, learned, inner, task, ref)
         if 2 * noise.scale > TOLERANCE:
             ill_conditioned.append({"float32_error": noise.float32_error,

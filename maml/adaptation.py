@@ -24,6 +24,10 @@ Conventions, documented here and nowhere else:
   shape. Adapting for more steps than the table has rows reuses its last row.
 - First order: the support gradients are treated as constants (no graph through them), which is
   first-order MAML; learned step sizes still receive their (first-order) gradient.
+- Dropout is active in meta-training (inner loop and query loss alike) and off wherever a task is
+  adapted to for use: evaluation, validation and the exported adapter, which must be
+  deterministic functions of their inputs (`dropout_off`). Batch norm keeps its batch statistics
+  there all the same.
 - Every parameter of the model is adapted and meta-learned. A parameter the forward does not use
   has a zero gradient, so it stays where it is. A frozen parameter (`requires_grad=False`) is
   refused by `check_adaptable`: fixed tensors belong in buffers.
@@ -31,7 +35,8 @@ Conventions, documented here and nowhere else:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -160,6 +165,24 @@ def use_batch_statistics(model: nn.Module) -> nn.Module:
         if isinstance(module, nn.modules.batchnorm._NormBase):
             module.track_running_stats = False
     return model.train()
+
+
+@contextmanager
+def dropout_off(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, `model`'s dropout layers are identities; the rest stays as it is.
+
+    Only the dropout layers switch to eval mode: `model.eval()` would also switch batch norm to
+    its (unused, stale) running statistics.
+    """
+    active = [m for m in model.modules()
+              if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
+    for layer in active:
+        layer.eval()
+    try:
+        yield model
+    finally:
+        for layer in active:
+            layer.train()
 
 
 def functional_forward(model: nn.Module) -> Forward:

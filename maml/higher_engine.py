@@ -10,10 +10,13 @@ memory holds one task's graph at a time.
 An engine offers two functions, with the same meaning in `maml.batched_engine`:
 - `meta_gradient(...)`: adds d(mean query loss)/d(meta-parameters) to their `.grad` and returns
   the batch's mean query loss (and accuracy) as tensors, without a host sync;
-- `adapt_predict(...)`: adapts to each task (no meta-graph) and returns the query outputs.
+- `adapt_predict(...)`: adapts to each task (no meta-graph, dropout off) and returns the query
+  outputs.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import higher
 import torch
@@ -25,6 +28,7 @@ from maml.adaptation import (
     adapt,
     autograd_grad,
     check_adaptable,
+    dropout_off,
     step_size_table,
     task_loss,
     use_batch_statistics,
@@ -32,9 +36,11 @@ from maml.adaptation import (
 from maml.tasks import TaskBatch
 
 
-def _forward(model: nn.Module):
+def _forward(model: nn.Module, dropout: bool = True):
     check_adaptable(model)
-    fmodel = higher.monkeypatch(use_batch_statistics(model), copy_initial_weights=False)
+    use_batch_statistics(model)
+    with nullcontext() if dropout else dropout_off(model):  # `higher` copies the layers' modes
+        fmodel = higher.monkeypatch(model, copy_initial_weights=False)
 
     def forward(params: Params, x: Tensor) -> Tensor:
         return fmodel(x, params=list(params))
@@ -77,12 +83,12 @@ def adapt_predict(
     model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop
 ) -> Tensor:
     """Adapt to every task of `batch` and return the query outputs, stacked `(B, Q, ...)`."""
-    forward = _forward(model)
     params = tuple(p.detach().requires_grad_() for p in model.parameters())
     lrs = None if learned_lrs is None else learned_lrs.detach()
     table = step_size_table(
         inner.steps, len(params), inner.lr, lrs, params[0].dtype, params[0].device
     )
+    forward = _forward(model, dropout=False)
     outputs = []
     for i in range(len(batch)):
         sx, sy, qx, _ = (t[i] for t in batch.tensors())

@@ -10,11 +10,22 @@ from torch import nn
 
 
 def layernorm_gelu_mlp(hidden: int = 16) -> nn.Module:
-    """A regression MLP with LayerNorm and GELU (ops the built-in models never use)."""
+    """A regression MLP with LayerNorm, GELU and dropout (layers the built-in models never use)."""
     return nn.Sequential(
-        nn.Linear(1, hidden), nn.LayerNorm(hidden), nn.GELU(),
+        nn.Linear(1, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(0.2),
         nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1),
     )
+
+
+class _Noisy(nn.Module):
+    def forward(self, x):
+        return x + 0.1 * torch.randn_like(x)
+
+
+def noisy_mlp() -> nn.Module:
+    """A regression MLP that adds fresh noise to its hidden layer on every call, like a sampling
+    layer: random even where dropout is off."""
+    return nn.Sequential(nn.Linear(1, 16), _Noisy(), nn.ReLU(), nn.Linear(16, 1))
 
 
 class _Grid(nn.Module):

@@ -158,6 +158,28 @@ def test_frozen_parameters_are_refused_by_name(engine):
         engine.meta_gradient(model, None, sine_batch(), InnerLoop("mse", 1, 0.05))
 
 
+@pytest.mark.parametrize("engine", [higher_engine, batched_engine], ids=["higher", "batched"])
+def test_dropout_is_off_when_adapting_for_use_and_on_in_meta_training(engine):
+    def net(dropout):
+        torch.manual_seed(0)
+        return use_batch_statistics(nn.Sequential(
+            nn.Linear(1, 32), nn.ReLU(), dropout, nn.Linear(32, 1)).double())
+
+    with_dropout, without = net(nn.Dropout(0.5)), net(nn.Identity())
+    inner = InnerLoop("mse", 3, 0.05)
+    expected = higher_engine.adapt_predict(without, None, sine_batch(), inner)
+    torch.manual_seed(1)
+    got = engine.adapt_predict(with_dropout, None, sine_batch(), inner)
+    assert rel(got, expected) <= TOL
+    assert with_dropout[2].training  # switched back on for training
+    if engine is higher_engine:  # vmap refuses random operations; `auto` trains with `higher`
+        grads = []
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            grads.append(gradient(engine, with_dropout, None, sine_batch(), inner)[0])
+        assert rel(grads[0], grads[1]) > 1e-3  # dropout draws masks while meta-training
+
+
 def test_chunk_bounds_cover_every_task_once_in_balanced_chunks():
     for total in (1, 5, 16, 32):
         for chunk in (1, 3, 7, 32, 100):

@@ -118,3 +118,17 @@ def test_unsupported_operator_is_named(tmp_path, capsys):
     assert line == ("error: cannot export to ONNX: operator aten.avg_pool2d_backward has no "
                     "ONNX translation")
     assert not [p for p in tmp_path.iterdir() if not p.name.startswith("u.")]
+
+
+def test_a_random_forward_is_refused(tmp_path, capsys):
+    """Dropout is turned off for the adapter; any other randomness would make its outputs (and
+    the float32 noise the check measures) meaningless, so the export stops and says why."""
+    ckpt = tmp_path / "n.pt"
+    assert maml_main(["train", "--iterations", "1", "--meta-batch-size", "2", "--val-tasks", "2",
+                      "--checkpoint", str(ckpt), "--quiet",
+                      "--model", "tests.export_models:noisy_mlp"]) == 0
+    code, line = run_main(capsys, "--checkpoint", str(ckpt), "--out", str(tmp_path / "a"),
+                          "--formats", "torchscript", "--steps", "1")
+    assert code == 2
+    assert line.startswith("error: the model's forward is random") and "dropout" in line
+    assert not (tmp_path / "a").exists()
