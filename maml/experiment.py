@@ -89,7 +89,8 @@ def build(cfg: Config, split: dict[str, torch.Tensor] | None = None) -> Experime
     kwargs = model_kwargs(spec, cfg.model_kwargs, n_way)
     torch.manual_seed(cfg.seed)
     example = torch.zeros(2, *source.input_shape)
-    model = build_model(spec, kwargs, example).to(cfg.device, DTYPES[cfg.dtype])
+    model = build_model(spec, kwargs, example, source.output_shape).to(cfg.device,
+                                                                        DTYPES[cfg.dtype])
     n_tensors = len(list(model.parameters()))
     inner_lrs = None
     if cfg.learn_inner_lr:

@@ -120,11 +120,15 @@ def model_kwargs(spec: str, kwargs: dict[str, Any], n_way: int | None) -> dict[s
     return kwargs
 
 
-def build_model(spec: str, kwargs: dict[str, Any], example_input: torch.Tensor) -> nn.Module:
+def build_model(
+    spec: str, kwargs: dict[str, Any], example_input: torch.Tensor,
+    output_shape: tuple[int, ...] | None = None,
+) -> nn.Module:
     """Build the model named by `spec`, in MAML's batch-norm mode, and run it once.
 
     The dry run materialises lazy layers and turns an architecture that does not fit the task's
-    input into a clear error instead of a traceback during training.
+    input, or (given `output_shape`, per example) its targets, into a clear error instead of a
+    traceback during training, or a loss that silently broadcasts a wrong shape.
     """
     factory = _factory(spec)
     try:
@@ -140,9 +144,28 @@ def build_model(spec: str, kwargs: dict[str, Any], example_input: torch.Tensor) 
     use_batch_statistics(model)
     try:
         with torch.no_grad():
-            model(example_input)
+            outputs = model(example_input)
     except Exception as exc:
         raise UsageError(
             f"model {spec!r} cannot run on inputs of shape {tuple(example_input.shape)}: {exc}"
         ) from None
+    if output_shape is not None:
+        check_outputs(spec, outputs, len(example_input), output_shape)
     return model
+
+
+def check_outputs(spec: str, outputs: Any, batch: int, expected: tuple[int, ...]) -> None:
+    """The model must return one tensor of shape `(batch, *expected)`: the loss would otherwise
+    fail deep inside, or broadcast a mismatched shape into a wrong but finite number."""
+    if not isinstance(outputs, torch.Tensor):
+        raise UsageError(
+            f"model {spec!r} returns a {type(outputs).__name__}, not one tensor: the loss needs "
+            "the predictions (or logits) alone, so return only those from forward"
+        )
+    if outputs.ndim == 0 or outputs.shape[0] != batch or tuple(outputs.shape[1:]) != expected:
+        want = (f"{expected[0]} logits, one per class" if len(expected) == 1 and expected[0] > 1
+                else "one value per target")
+        raise UsageError(
+            f"model {spec!r} returns shape {tuple(outputs.shape)} for {batch} examples, but the "
+            f"tasks need {(batch, *expected)} ({want}): change its output layer"
+        )

@@ -60,3 +60,17 @@ def frozen_first_layer_mlp() -> nn.Module:
     model = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Linear(16, 1))
     model[0].requires_grad_(False)
     return model
+
+
+class _WithAux(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(1, 1)
+
+    def forward(self, x):
+        return self.head(x), x.abs().mean()  # predictions and an auxiliary value
+
+
+def tuple_output_mlp() -> nn.Module:
+    """A model whose forward returns a tuple, as many research models do."""
+    return _WithAux()

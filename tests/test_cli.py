@@ -84,6 +84,10 @@ def test_bad_training_input_is_one_clear_line(tmp_path, capsys):
     assert "has no callable 'nope'" in bad(capsys, "train", "--model", "maml.models:nope", *ck)
     assert "must be a JSON object" in bad(capsys, "train", "--model-kwargs", "[1, 2]", *ck)
     assert "rejected its arguments" in bad(capsys, "train", "--model-kwargs", '{"depth": 3}', *ck)
+    assert "returns a tuple, not one tensor" in bad(
+        capsys, "train", "--model", "tests.export_models:tuple_output_mlp", *ck)
+    assert "returns shape (2, 3) for 2 examples, but the tasks need (2, 1)" in bad(
+        capsys, "train", "--model-kwargs", '{"out_features": 3}', *ck)
     frozen = "tests.export_models:frozen_first_layer_mlp"
     assert "frozen parameters (0.weight, 0.bias)" in bad(capsys, "train", "--model", frozen, *ck)
     omni = ["train", "--dataset", "omniglot", *ck]

@@ -154,6 +154,11 @@ class Omniglot:
         self.n_way, self.k_shot, self.q_query = n_way, k_shot, q_query
         self.split_name = split_name
 
+    @property
+    def output_shape(self) -> tuple[int]:
+        """What the model must return per example: one logit per class of the task."""
+        return (self.n_way,)
+
     def describe(self) -> dict:
         return {"name": "omniglot", "split": self.split_name, "n_way": self.n_way,
                 "k_shot": self.k_shot, "q_query": self.q_query, "image_size": 28,

@@ -20,6 +20,7 @@ class Sinusoid:
     kind = "regression"
     loss = "mse"
     input_shape = (1,)
+    output_shape = (1,)  # what the model must return per example: the target
 
     def __init__(self, k_shot: int, q_query: int, device: str | torch.device = "cpu") -> None:
         self.k_shot, self.q_query, self.device = k_shot, q_query, torch.device(device)
@@ -46,6 +47,7 @@ class Harmonic:
     kind = "regression"
     loss = "mse"
     input_shape = (1,)
+    output_shape = (1,)  # what the model must return per example: the target
 
     def __init__(self, k_shot: int, q_query: int, device: str | torch.device = "cpu") -> None:
         self.k_shot, self.q_query, self.device = k_shot, q_query, torch.device(device)
