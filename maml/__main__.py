@@ -52,12 +52,15 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 
 def checked(command: Callable) -> Callable:
     """Check every option against its type hint before `command` runs: fire passes a value as
-    whatever it parses as (`--iterations abc` arrives as the string 'abc')."""
+    whatever it parses as (`--iterations abc` arrives as the string 'abc'). The names of the
+    options given are kept as `self.given` (`--resume` tells them from defaults)."""
     signature, hints = inspect.signature(command), typing.get_type_hints(command)
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
+        if args:  # the options given on the command line, as opposed to defaults
+            args[0].given = frozenset(bound.arguments) - {"self"}
         for name, value in bound.arguments.items():
             if hints.get(name, Any) is not Any:
                 bound.arguments[name] = _coerce(name, value, hints[name])
@@ -176,7 +179,8 @@ class CLI:
         )
         if minutes is not None and minutes <= 0:
             raise UsageError(f"--minutes must be > 0, got {minutes}")
-        result = train(cfg, resume=resume, progress=not quiet, max_minutes=minutes, ranks=ranks)
+        result = train(cfg, resume=resume, progress=not quiet, max_minutes=minutes, ranks=ranks,
+                       given=getattr(self, "given", frozenset()))
         distributed.finish()
         if not ranks.is_main:
             return

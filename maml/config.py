@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,12 @@ from maml.errors import UsageError
 
 DATASETS = ("sinusoid", "harmonic", "omniglot")
 ENGINES = ("auto", "higher", "batched")
+RESUMABLE = (
+    "iterations", "device", "engine", "task_chunk", "memory_budget_mb", "compile", "cuda_graphs",
+    "bf16", "tf32", "log_every", "val_every", "val_tasks", "checkpoint_every", "data_root",
+    "download",
+)
+"""Settings a resumed run may change: how and how long it runs, not what it learns."""
 
 
 @dataclass
@@ -124,3 +131,39 @@ class Config:
     def from_dict(cls, d: dict[str, Any]) -> Config:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def resumed(saved: Config, requested: Config, given: Collection[str], source: str) -> Config:
+    """The settings of a resumed run: the checkpoint's, with `requested`'s iterations, device
+    and path, and those of its `given` settings that are `RESUMABLE`.
+
+    A given setting that would change what the run learns (the task, model, inner loop, meta
+    learning rate, seed, ...) and differs from the checkpoint's is refused rather than ignored:
+    the resumed run could not honour it, and silently keeping the old value would surprise.
+    """
+    from maml.models import resolve_spec
+
+    merged = dataclasses.replace(
+        saved, checkpoint=requested.checkpoint, device=requested.device,
+        iterations=requested.iterations or saved.iterations,
+    )
+    for name in given:
+        value, before = getattr(requested, name, None), getattr(saved, name, None)
+        if name == "checkpoint" or not hasattr(saved, name) or value is None:
+            continue
+        if name in RESUMABLE:
+            setattr(merged, name, value)
+            continue
+        same = (resolve_spec(value) == resolve_spec(before) if name == "model" and before
+                else value == before)
+        if not same:
+            flag = "--" + name.replace("_", "-")
+            show = lambda v: ("on" if v else "off") if isinstance(v, bool) else repr(v)  # noqa: E731
+            raise UsageError(
+                f"{flag} {show(value)} differs from the run being resumed ({show(before)} in "
+                f"{source}); "
+                f"a resumed run keeps what it learns with: drop {flag}, or start a new run under "
+                "another --checkpoint"
+            )
+    merged.check()
+    return merged

@@ -19,8 +19,10 @@ and rank 0 alone writes checkpoints, metrics and the progress bar.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from maml import checkpoint, distributed
-from maml.config import Config
+from maml.config import Config, resumed
 from maml.distributed import SINGLE, Ranks
 from maml.errors import UsageError
 from maml.evaluate import evaluate
@@ -96,21 +98,23 @@ def _forget_after(metrics_file: Path, iteration: int) -> None:
 
 def train(
     cfg: Config, resume: bool = False, progress: bool = True, max_minutes: float | None = None,
-    ranks: Ranks = SINGLE,
+    ranks: Ranks = SINGLE, given: Collection[str] = (),
 ) -> dict[str, Any]:
     """Meta-train as `cfg` says (or continue the run at `cfg.checkpoint`); return final metrics.
 
     `max_minutes` caps this call's wall-clock time: the run stops early with a checkpoint, and
-    a later `resume=True` call continues it, so several short slots add up to one run.
+    a later `resume=True` call continues it, so several short slots add up to one run. A resumed
+    run keeps the checkpoint's settings except `cfg`'s iterations and device and those named in
+    `given` (the ones the caller chose) that may change between slots (`config.resumed`).
     With `ranks` (a torchrun launch) every rank runs this same function on its share of tasks.
     """
     where = paths(cfg.checkpoint)
     if resume:
         state = checkpoint.load(where["latest"])
-        saved = Config.from_dict(state["config"])
-        saved.iterations = cfg.iterations or saved.iterations
-        saved.checkpoint, saved.device = str(where["latest"]), cfg.device
-        exp = restore({**state, "config": saved.to_dict()}, str(where["latest"]), cfg.device)
+        requested = dataclasses.replace(cfg, checkpoint=str(where["latest"]))
+        settings = resumed(Config.from_dict(state["config"]), requested, given,
+                           str(where["latest"]))
+        exp = restore({**state, "config": settings.to_dict()}, str(where["latest"]), cfg.device)
         cfg = exp.cfg
     else:
         cfg = cfg.with_defaults()

@@ -109,7 +109,8 @@ def run(name: str, args: argparse.Namespace) -> dict:
     resume = ckpt.is_file()
     print(f"== {name}: {'resuming' if resume else 'starting'} on {machine()} ==")
     t0 = time.perf_counter()
-    trained = train(cfg, resume=resume, progress=not args.quiet, max_minutes=args.minutes)
+    trained = train(cfg, resume=resume, progress=not args.quiet, max_minutes=args.minutes,
+                    given=settings)
     wall = time.perf_counter() - t0
     state = checkpoint.load(ckpt, args.device)
     run_cfg = Config.from_dict(state["config"])

@@ -52,6 +52,27 @@ def test_resume_flag_continues_from_the_checkpoint(tmp_path, capsys):
     assert torch.load(ckpt, weights_only=True)["iteration"] == 4
 
 
+def test_resume_takes_a_new_schedule_and_refuses_a_new_setting(tmp_path, capsys):
+    """How a run is driven may change between slots; what it learns with may not, and a flag
+    that would change it is refused by name, not silently ignored."""
+    ckpt = str(tmp_path / "r.pt")
+    common = ["--checkpoint", ckpt, "--meta-batch-size", "2", "--val-tasks", "3", "--quiet",
+              "--resume"]
+    assert main(["train", "--iterations", "2", "--log-every", "1", "--val-every", "2",
+                 *common[:-1]]) == 0
+    line = bad(capsys, "train", "--iterations", "4", "--inner-lr", "0.5", *common)
+    assert "--inner-lr 0.5 differs from the run being resumed (0.01 in" in line
+    assert "--learn-inner-lr on differs" in bad(capsys, "train", "--learn-inner-lr", *common)
+    assert torch.load(ckpt, weights_only=True)["iteration"] == 2  # nothing ran
+    assert main(["train", "--iterations", "3", "--val-every", "1", "--inner-lr", "0.01",
+                 "--engine", "higher", *common]) == 0  # the same inner lr is fine
+    state = torch.load(ckpt, weights_only=True)
+    assert state["iteration"] == 3
+    assert state["config"]["val_every"] == 1 and state["config"]["engine"] == "higher"
+    lines = [json.loads(x) for x in Path(ckpt).with_suffix(".metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines if "val_mse" in x] == [2, 3]  # validated at 3: every 1
+
+
 @pytest.mark.skipif(not DATA.is_dir(), reason="Omniglot copy not found")
 def test_omniglot_train_and_eval(tmp_path, capsys):
     ckpt = str(tmp_path / "o.pt")
