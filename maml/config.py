@@ -158,12 +158,14 @@ def resumed(saved: Config, requested: Config, given: Collection[str], source: st
                 else value == before)
         if not same:
             flag = "--" + name.replace("_", "-")
-            show = lambda v: ("on" if v else "off") if isinstance(v, bool) else repr(v)  # noqa: E731
             raise UsageError(
-                f"{flag} {show(value)} differs from the run being resumed ({show(before)} in "
-                f"{source}); "
-                f"a resumed run keeps what it learns with: drop {flag}, or start a new run under "
-                "another --checkpoint"
+                f"{flag} {_shown(value)} differs from the run being resumed ({_shown(before)} in "
+                f"{source}); a resumed run keeps what it learns with: drop {flag}, or start a "
+                "new run under another --checkpoint"
             )
     merged.check()
     return merged
+
+
+def _shown(value: Any) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else repr(value)
