@@ -19,9 +19,10 @@ max-pool net the float64 loop moved by up to 0.14 under a 1e-6 perturbation, and
 onnxruntime adapter 5.5e-4 from the reference (which was 7e-6 from float64) was within that.
 On a later 20-way checkpoint the float64 loop hardly moved with the images (9e-6) but moved by
 1.8e-3 with the weights, as far as its onnxruntime adapter was from the reference (which was
-6e-6 from float64). A wrong export
-(a wrong step size, loss or batch-norm mode) differs on the well-conditioned tasks too, where
-the noise is ~1e-5.
+6e-6 from float64). A wrong export (a wrong step size, loss or batch-norm mode) differs on the
+well-conditioned tasks too, where the noise is ~1e-5. A noise bound only means something if the
+reference is a function of its inputs, so a forward that is still random with dropout off (it
+gives a task two different reference outputs) is refused instead.
 The tasks come from the run's test split with two support sizes (the run's shot count and
 another), which also checks that the files accept a varying number of examples.
 """

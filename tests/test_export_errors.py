@@ -16,12 +16,16 @@ from maml.__main__ import main as maml_main
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def train_one_iteration(path: Path, *args: str) -> Path:
+    """A sinusoid checkpoint after one tiny iteration (`args`: e.g. `--model ...`)."""
+    assert maml_main(["train", "--iterations", "1", "--meta-batch-size", "2", "--val-tasks", "2",
+                      "--checkpoint", str(path), "--quiet", *args]) == 0
+    return path
+
+
 @pytest.fixture(scope="module")
 def sinusoid_ckpt(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "s.pt"
-    assert maml_main(["train", "--iterations", "1", "--meta-batch-size", "2", "--val-tasks", "2",
-                      "--checkpoint", str(path), "--quiet"]) == 0
-    return path
+    return train_one_iteration(tmp_path_factory.mktemp("ckpt") / "s.pt")
 
 
 def run_main(capsys, *argv: str) -> tuple[int, str]:
@@ -108,10 +112,7 @@ def test_existing_adapter_is_replaced(tmp_path, sinusoid_ckpt, capsys):
 
 
 def test_unsupported_operator_is_named(tmp_path, capsys):
-    ckpt = tmp_path / "u.pt"
-    assert maml_main(["train", "--iterations", "1", "--meta-batch-size", "2", "--val-tasks", "2",
-                      "--checkpoint", str(ckpt), "--quiet",
-                      "--model", "tests.export_models:ceil_avgpool_mlp"]) == 0
+    ckpt = train_one_iteration(tmp_path / "u.pt", "--model", "tests.export_models:ceil_avgpool_mlp")
     code, line = run_main(capsys, "--checkpoint", str(ckpt), "--out", str(tmp_path / "a"),
                           "--formats", "onnx", "--steps", "1")
     assert code == 2
@@ -123,10 +124,7 @@ def test_unsupported_operator_is_named(tmp_path, capsys):
 def test_a_random_forward_is_refused(tmp_path, capsys):
     """Dropout is turned off for the adapter; any other randomness would make its outputs (and
     the float32 noise the check measures) meaningless, so the export stops and says why."""
-    ckpt = tmp_path / "n.pt"
-    assert maml_main(["train", "--iterations", "1", "--meta-batch-size", "2", "--val-tasks", "2",
-                      "--checkpoint", str(ckpt), "--quiet",
-                      "--model", "tests.export_models:noisy_mlp"]) == 0
+    ckpt = train_one_iteration(tmp_path / "n.pt", "--model", "tests.export_models:noisy_mlp")
     code, line = run_main(capsys, "--checkpoint", str(ckpt), "--out", str(tmp_path / "a"),
                           "--formats", "torchscript", "--steps", "1")
     assert code == 2
