@@ -278,7 +278,11 @@ def main(argv: list[str] | None = None) -> int:
         check_options(argv)
         fire.Fire(CLI, command=argv, name="python -m maml")
 
-    return exit_status(run)
+    code = exit_status(run)
+    from maml.distributed import exit_if_abandoned
+
+    exit_if_abandoned(code)  # a failed torchrun rank: no teardown that could abort (SIGABRT)
+    return code
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ import contextlib
 import datetime
 import os
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -175,6 +176,21 @@ def finish() -> None:
             with contextlib.suppress(RuntimeError, dist.DistError):  # a peer gone at the end
                 dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_if_abandoned(code: int) -> None:
+    """After a failed distributed run, end the process now with `code`.
+
+    The process group is still up (`finish` runs only after a clean run), with gloo threads
+    mid-collective; tearing it down at interpreter exit can abort the process ("terminate called
+    without an active exception", SIGABRT), which replaced the one-line error's status 2 with
+    -6 in one CI run. Checkpoints are written atomically, so nothing is lost by skipping
+    interpreter teardown; the streams are flushed first so the error line is kept.
+    """
+    if dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def broadcast_from_main(tensors: Sequence[Tensor], ranks: Ranks) -> None:
