@@ -22,7 +22,7 @@ from typing import Any
 import fire
 import torch
 
-from maml.errors import UsageError, exit_status
+from maml.errors import Stopped, UsageError, exit_status
 
 KINDS = {int: (int, "an integer"), float: (int | float, "a number"), str: (str, "text")}
 """What each annotated type accepts from fire's parsed values, and how an error names it."""
@@ -158,6 +158,7 @@ class CLI:
         """Meta-train a model with MAML. Unset settings take the MAML paper's defaults.
 
         `--minutes M` stops after M minutes with a checkpoint; `--resume` continues it later.
+        So does Ctrl-C (or SIGTERM), after the iteration under way; Ctrl-C twice stops at once.
         """
         from maml import distributed
         from maml.config import Config
@@ -179,8 +180,12 @@ class CLI:
         )
         if minutes is not None and minutes <= 0:
             raise UsageError(f"--minutes must be > 0, got {minutes}")
-        result = train(cfg, resume=resume, progress=not quiet, max_minutes=minutes, ranks=ranks,
-                       given=getattr(self, "given", frozenset()))
+        try:
+            result = train(cfg, resume=resume, progress=not quiet, max_minutes=minutes,
+                           ranks=ranks, given=getattr(self, "given", frozenset()))
+        except Stopped as exc:  # rank 0 alone says so, as it alone prints
+            hint = f"{exc}; add --resume to the same command to continue" if ranks.is_main else ""
+            raise Stopped(hint, exc.signum) from None
         distributed.finish()
         if not ranks.is_main:
             return

@@ -38,7 +38,10 @@ That is what gloo (CPU) does, and what the tests check. With nccl, a timed-out c
 caught by NCCL's watchdog, which by default ends the process with its own message after the same
 timeout; `TORCH_NCCL_BLOCKING_WAIT=1` makes it raise here instead (not tested: no machine with
 several GPUs so far).
-`--minutes` budgets are decided by rank 0's clock (`main_decides`), so all ranks stop together.
+All ranks stop after the same iteration (`max_over_ranks`): when rank 0's clock says the
+`--minutes` budget is spent, or when any rank was asked to stop (Ctrl-C, SIGTERM). torchrun
+forwards each signal it gets to every worker and kills them 30 s later, so under torchrun the
+workers ignore signals after the first one: the checkpoint is written in that time, not cut off.
 """
 
 from __future__ import annotations
@@ -228,14 +231,15 @@ def average_meta_gradient(
     return {k: flat[offset + i].clone() for i, k in enumerate(keys)}
 
 
-def main_decides(flag: bool, ranks: Ranks) -> bool:
-    """Rank 0's `flag` on every rank (e.g. rank 0's clock says the time budget is spent)."""
+def max_over_ranks(values: Sequence[int], ranks: Ranks) -> list[int]:
+    """The largest of each value over all ranks, on every rank: e.g. whether any rank was asked
+    to stop, or rank 0's clock (the others give 0) says the time budget is spent."""
     if ranks.world == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
-    with guard(ranks, "the broadcast of rank 0's decision to stop"):
-        dist.broadcast(value, src=0)
-    return bool(value.item())
+        return list(values)
+    tensor = torch.tensor([float(v) for v in values], device=_collective_device())
+    with guard(ranks, "the exchange of the decision to stop"):
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [int(v) for v in tensor.tolist()]
 
 
 def _collective_device() -> torch.device:

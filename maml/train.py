@@ -8,6 +8,10 @@ continues from the checkpoint's exact state (weights, optimizer, task generator,
 N + N resumed iterations equal 2N straight (metric lines logged after that checkpoint by the
 stopped run are dropped, since the resumed run logs those iterations again).
 
+Ctrl-C (or a scheduler's SIGTERM) asks the run to stop: it finishes the iteration under way,
+writes a checkpoint and raises `Stopped`, so `--resume` loses nothing; a second Ctrl-C stops at
+once, keeping only the last periodic checkpoint.
+
 A non-finite meta-loss stops the run with a clear message; it is checked at every log step and
 before every checkpoint write, so no checkpoint ever holds NaN weights (and the step itself never
 waits on the host).
@@ -19,10 +23,14 @@ and rank 0 alone writes checkpoints, metrics and the progress bar.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import signal
+import sys
+import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +40,7 @@ from tqdm import tqdm
 from maml import checkpoint, distributed
 from maml.config import Config, resumed
 from maml.distributed import SINGLE, Ranks
-from maml.errors import UsageError
+from maml.errors import Stopped, UsageError
 from maml.evaluate import evaluate
 from maml.experiment import Experiment, build, restore
 
@@ -94,6 +102,36 @@ def _forget_after(metrics_file: Path, iteration: int) -> None:
         tmp = metrics_file.with_name(f".{metrics_file.name}.tmp")
         tmp.write_text("".join(kept))
         tmp.replace(metrics_file)
+
+
+@contextlib.contextmanager
+def stop_requests(say: Callable[[str], None], again_stops_now: bool = True) -> Iterator[list[int]]:
+    """Within the block, the first SIGINT (Ctrl-C) or SIGTERM is recorded in the yielded list
+    instead of stopping the process, so the loop can stop at the end of an iteration with a
+    checkpoint. The next one raises KeyboardInterrupt at once, or is ignored if not
+    `again_stops_now` (under torchrun, which sends every worker each signal it gets, so the
+    second one is usually the agent forwarding the first). Signals can only be caught on the main
+    thread; elsewhere the list stays empty and they act as usual."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def request(signum: int, frame: object) -> None:
+        received.append(signum)
+        for s in previous:
+            signal.signal(s, signal.default_int_handler if again_stops_now else signal.SIG_IGN)
+        say(f"{signal.Signals(signum).name}: stopping after this iteration, with a checkpoint"
+            + (" (Ctrl-C again to stop now, without one)" if again_stops_now else ""))
+
+    for s in previous:
+        signal.signal(s, request)
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 def train(
@@ -172,8 +210,10 @@ def train(
     bar = tqdm(total=cfg.iterations, initial=start, disable=not (progress and main), desc="meta-train",
                dynamic_ncols=True)
     running: dict[str, float] = {}
-    done = start
-    try:
+    done, signum, out_of_time = start, 0, False
+    say = (lambda message: tqdm.write(message, file=sys.stderr)) if main else (lambda message: None)
+    asked = stop_requests(say, again_stops_now=ranks.world == 1)
+    with asked as received, contextlib.closing(bar), log or contextlib.nullcontext():
         for it in range(start, cfg.iterations):
             batch = exp.source.sample(cfg.meta_batch_size, gen, "train")
             lo, hi = ranks.share(cfg.meta_batch_size)  # every rank drew the same batch
@@ -207,19 +247,19 @@ def train(
                 if log is not None:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-            # every rank must stop at the same iteration: rank 0's clock decides
-            out_of_time = deadline is not None and distributed.main_decides(
-                time.perf_counter() > deadline, ranks)
-            if done % cfg.checkpoint_every == 0 or last or out_of_time:
+            # all ranks stop after the same iteration: any rank's signal, or rank 0's clock
+            out_of_time = main and deadline is not None and time.perf_counter() > deadline
+            signum, out_of_time = distributed.max_over_ranks(
+                [received[0] if received else 0, out_of_time], ranks)
+            if done % cfg.checkpoint_every == 0 or last or signum or out_of_time:
                 stop_if_diverged(done, stats["loss"].item())
                 metrics["seconds"] = time.perf_counter() - t0
                 save(where["latest"], done)
-            if out_of_time:
+            if signum or out_of_time:
                 break
-    finally:
-        bar.close()
-        if log is not None:
-            log.close()
+    if signum and done < cfg.iterations:
+        raise Stopped(f"{signal.Signals(signum).name} after iteration {done} of {cfg.iterations}, "
+                      f"which {where['latest']} holds", signum)
     return {**metrics, "iterations": done, "engine": getattr(engine, "name", None),
             "target_iterations": cfg.iterations, "checkpoint": str(where["latest"]),
             "seconds": time.perf_counter() - t0}

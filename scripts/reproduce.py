@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from maml import checkpoint  # noqa: E402
 from maml.config import Config  # noqa: E402
 from maml.curves import plot_curves  # noqa: E402
-from maml.errors import exit_status  # noqa: E402
+from maml.errors import Stopped, exit_status  # noqa: E402
 from maml.evaluate import eval_batches, evaluate, summary  # noqa: E402
 from maml.experiment import restore  # noqa: E402
 from maml.train import paths, select_engine, train  # noqa: E402
@@ -109,8 +109,11 @@ def run(name: str, args: argparse.Namespace) -> dict:
     resume = ckpt.is_file()
     print(f"== {name}: {'resuming' if resume else 'starting'} on {machine()} ==")
     t0 = time.perf_counter()
-    trained = train(cfg, resume=resume, progress=not args.quiet, max_minutes=args.minutes,
-                    given=settings)
+    try:
+        trained = train(cfg, resume=resume, progress=not args.quiet, max_minutes=args.minutes,
+                        given=settings)
+    except Stopped as exc:  # Ctrl-C: no evaluation of a run cut short; running again resumes it
+        raise Stopped(f"{exc}; run the same command again to continue", exc.signum) from None
     wall = time.perf_counter() - t0
     state = checkpoint.load(ckpt, args.device)
     run_cfg = Config.from_dict(state["config"])

@@ -1,8 +1,11 @@
 """The command line: train, eval --json, resume, and one-line errors for bad input."""
 
 import json
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -187,3 +190,29 @@ def test_plot_draws_the_learning_curves(tmp_path, capsys, sinusoid_ckpt):
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert "no metrics file" in bad(capsys, "plot", "--checkpoint", str(tmp_path / "none.pt"))
+
+
+def test_ctrl_c_stops_a_real_run_with_a_checkpoint_and_one_line(tmp_path):
+    ckpt = tmp_path / "m.pt"
+    metrics = tmp_path / "m.metrics.jsonl"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "maml", "train", "--iterations", "1000000", "--meta-batch-size", "2",
+         "--log-every", "10", "--val-every", "1000000", "--checkpoint-every", "1000000",
+         "--checkpoint", str(ckpt), "--quiet"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = time.monotonic()
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert run.poll() is None and time.monotonic() - started < 120, run.communicate()
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stopped: SIGINT after iteration ") and "--resume" in last, err
+    at = int(re.search(r"after iteration (\d+)", last).group(1))
+    assert torch.load(ckpt, weights_only=True)["iteration"] == at >= 20
+    logged = [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()]
+    assert logged[-1] <= at
+    assert main(["train", "--checkpoint", str(ckpt), "--resume", "--iterations", str(at + 3),
+                 "--quiet"]) == 0
+    assert torch.load(ckpt, weights_only=True)["iteration"] == at + 3

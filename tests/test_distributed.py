@@ -6,7 +6,9 @@ failure cases, two hand-launched ranks), so they cost process start-ups, not com
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -181,3 +183,27 @@ def test_a_lost_rank_stops_the_others_with_one_line(tmp_path, fault):
     assert waited < 100
     # rank 0 wrote the iteration both ranks finished, and nothing after
     assert torch.load(tmp_path / "run.pt", weights_only=True)["iteration"] == 1
+
+
+def test_ctrl_c_stops_every_rank_after_the_same_iteration_with_a_checkpoint(tmp_path):
+    """Ctrl-C reaches the whole process group, and torchrun's agent forwards it to each worker
+    again: every rank must still finish the iteration together and rank 0 write it."""
+    ckpt, metrics = tmp_path / "m.pt", tmp_path / "m.metrics.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "maml", "train",
+           "--iterations", "1000000", "--meta-batch-size", "4", "--log-every", "10",
+           "--val-every", "1000000", "--checkpoint-every", "1000000", "--engine", "higher",
+           "--checkpoint", str(ckpt), "--quiet"]
+    run = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    started = time.monotonic()
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert run.poll() is None and time.monotonic() - started < 180, run.communicate()
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    stopped = [line for line in err.splitlines() if line.startswith("stopped: ")]
+    assert len(stopped) == 1 and "--resume" in stopped[0], err[-3000:]  # rank 0 alone says it
+    at = int(re.search(r"after iteration (\d+)", stopped[0]).group(1))
+    assert torch.load(ckpt, weights_only=True)["iteration"] == at >= 20

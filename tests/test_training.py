@@ -1,15 +1,19 @@
 """Meta-training end to end: learning, exact resume, determinism, checkpoints, divergence."""
 
 import json
+import os
+import signal
 
 import pytest
 import torch
 
+import maml.train
 from maml import checkpoint
 from maml.config import Config
+from maml.errors import Stopped
 from maml.evaluate import evaluate
 from maml.experiment import build, restore
-from maml.train import TrainingDiverged, paths, train
+from maml.train import TrainingDiverged, paths, stop_requests, train
 
 
 def sinusoid_config(tmp_path, **overrides):
@@ -153,3 +157,53 @@ def test_time_capped_slots_add_up_to_one_run(tmp_path):
     state_b, b = weights(slotted.checkpoint)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert state_b["metrics"]["seconds"] > 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_mid_run_stops_after_the_iteration_with_a_checkpoint(tmp_path, monkeypatch, signum):
+    """The signal arrives inside iteration 7's meta-gradient; the run finishes that iteration,
+    writes it (the periodic checkpoint is every 10), and resuming gives the straight run."""
+    straight = sinusoid_config(tmp_path / "a", iterations=12)
+    train(straight, progress=False)
+    real_select, calls = maml.train.select_engine, []
+
+    def signalling_engine(name, cfg=None):
+        engine = real_select(name, cfg)
+        real_step = engine.meta_gradient
+
+        def meta_gradient(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 7:
+                os.kill(os.getpid(), signum)
+            return real_step(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "meta_gradient", meta_gradient)
+        return engine
+
+    monkeypatch.setattr(maml.train, "select_engine", signalling_engine)
+    stopped = sinusoid_config(tmp_path / "b", iterations=12)
+    before = signal.getsignal(signum)
+    with pytest.raises(Stopped, match=f"{signum.name} after iteration 7 of 12") as caught:
+        train(stopped, progress=False)
+    assert caught.value.status == 128 + signum
+    assert signal.getsignal(signum) is before, "the handlers are put back"
+    assert torch.load(stopped.checkpoint, weights_only=True)["iteration"] == 7
+    monkeypatch.setattr(maml.train, "select_engine", real_select)
+    train(stopped, resume=True, progress=False)
+    _, a = weights(straight.checkpoint)
+    _, b = weights(stopped.checkpoint)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_signal_stops_at_once_or_is_ignored_under_torchrun():
+    said = []
+    with stop_requests(said.append) as received:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert received == [signal.SIGINT] and "Ctrl-C again" in said[0]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+    with stop_requests(said.append, again_stops_now=False) as received:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # torchrun's agent forwarding it: ignored
+        assert received == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
