@@ -216,3 +216,12 @@ def test_ctrl_c_stops_a_real_run_with_a_checkpoint_and_one_line(tmp_path):
     assert main(["train", "--checkpoint", str(ckpt), "--resume", "--iterations", str(at + 3),
                  "--quiet"]) == 0
     assert torch.load(ckpt, weights_only=True)["iteration"] == at + 3
+
+
+def test_ctrl_c_outside_training_is_one_line_and_status_130(capsys, sinusoid_ckpt, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("maml.evaluate.evaluate", interrupted)
+    assert main(["eval", "--checkpoint", str(sinusoid_ckpt), "--quiet"]) == 130
+    assert capsys.readouterr().err.strip() == "stopped: interrupted (Ctrl-C)"
