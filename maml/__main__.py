@@ -159,6 +159,46 @@ class CLI:
 
         `--minutes M` stops after M minutes with a checkpoint; `--resume` continues it later.
         So does Ctrl-C (or SIGTERM), after the iteration under way; Ctrl-C twice stops at once.
+
+        Args:
+            dataset: sinusoid, harmonic or omniglot.
+            n_way: classes per task (Omniglot; default 5; 20 switches to the 20-way settings).
+            k_shot: support examples per class (Omniglot; 1) or per task (regression; 10).
+            q_query: query examples per class (Omniglot; 15) or per task (regression; 10).
+            inner_steps: SGD steps on the support set in training (1; 5 for 20-way).
+            inner_lr: the inner step size (regression 0.01, 5-way 0.4, 20-way 0.1).
+            eval_inner_steps: steps at validation and evaluation (10; 3 for 5-way; 5 for 20-way).
+            first_order: first-order MAML (no gradient through the inner loop's gradients).
+            learn_inner_lr: meta-learn a step size per parameter tensor and per step (Meta-SGD).
+            meta_lr: Adam's learning rate for the meta-update.
+            meta_batch_size: tasks per meta-update (regression 25, 5-way 32, 20-way 16).
+            iterations: meta-updates in all (regression 70000, Omniglot 60000).
+            grad_clip: clip the meta-gradient to this norm (off by default).
+            model: mlp, cnn, maxpool, convnet, or package.module:factory for your own nn.Module.
+            model_kwargs: JSON object of arguments for the model factory, e.g. '{"hidden": 32}'.
+            data_root: folder with the Omniglot npz files or the torchvision folder layout.
+            download: let torchvision download Omniglot into --data-root (needs internet).
+            split: maml (1200 / 423 pooled characters) or background (Lake's alphabet split).
+            val_chars: meta-training characters held out for validation.
+            seed: seeds the weights, the character split and the task stream.
+            device: cpu, cuda or cuda:N.
+            engine: auto (fastest for the device), higher (the reference loop) or batched.
+            task_chunk: batched engine: tasks per chunk, or auto (sized to --memory-budget-mb).
+            memory_budget_mb: batched engine: peak memory to size chunks for (CUDA: 80% of card).
+            compile: batched engine: torch.compile the step (first iterations compile).
+            cuda_graphs: batched engine: capture the step in a CUDA graph (--device cuda).
+            bf16: batched engine: bfloat16 autocast (opt-in; changes the numbers slightly).
+            tf32: TF32 matmuls and convolutions on CUDA (opt-in; changes the numbers slightly).
+            dtype: float32 or float64 for the weights and tasks.
+            checkpoint: where the run is saved (metrics and the best weights go beside it).
+            log_every: iterations between metric lines in <checkpoint>.metrics.jsonl.
+            val_every: iterations between validations on held-out tasks.
+            val_tasks: tasks per validation.
+            checkpoint_every: iterations between checkpoints (also at the end and on a stop).
+            resume: continue the run saved at --checkpoint; it keeps what it learns with.
+            minutes: stop after this many minutes of this call, with a checkpoint.
+            quiet: no progress bar.
+            dist_timeout: under torchrun, seconds to wait for another process before failing.
         """
         from maml import distributed
         from maml.config import Config
@@ -218,6 +258,22 @@ class CLI:
 
         `--k-shot` / `--q-query` evaluate with other support / query sizes than training used.
         `--json` prints the result as one JSON object instead of the sentence.
+
+        Args:
+            checkpoint: the run to evaluate (from `train`).
+            tasks: tasks to adapt to; the result is their mean with a 95% confidence interval.
+            inner_steps: adaptation steps (default: the run's --eval-inner-steps).
+            k_shot: support examples per class (Omniglot) or per task (default: the run's).
+            q_query: query examples per class (Omniglot) or per task (default: the run's).
+            split: test (meta-test characters), val or train.
+            seed: seeds the tasks, so the same seed evaluates the same tasks.
+            device: cpu, cuda or cuda:N.
+            engine: auto, higher or batched (default: the run's).
+            task_chunk: batched engine: tasks per chunk, or auto.
+            batch_size: tasks adapted to at once.
+            json: print one JSON object instead of the sentence.
+            quiet: no progress bar.
+            dist_timeout: under torchrun, seconds to wait for another process before failing.
         """
         import json as json_lib
 
@@ -265,7 +321,12 @@ class CLI:
 
     @checked
     def plot(self, checkpoint: str, out: str | None = None) -> None:
-        """Draw the run's learning curves (validation metric against iterations and seconds)."""
+        """Draw the run's learning curves (validation metric against iterations and seconds).
+
+        Args:
+            checkpoint: the run whose <checkpoint>.metrics.jsonl to draw.
+            out: the PNG to write (default: <checkpoint>.curves.png beside it).
+        """
         from maml.curves import plot_curves
         from maml.train import paths
 

@@ -225,3 +225,20 @@ def test_ctrl_c_outside_training_is_one_line_and_status_130(capsys, sinusoid_ckp
     monkeypatch.setattr("maml.evaluate.evaluate", interrupted)
     assert main(["eval", "--checkpoint", str(sinusoid_ckpt), "--quiet"]) == 130
     assert capsys.readouterr().err.strip() == "stopped: interrupted (Ctrl-C)"
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "plot"])
+def test_help_describes_every_option(command):
+    """`--help` shows each option's description from the docstring's Args section (fire reads
+    it), so an option added without one fails here."""
+    import inspect
+
+    from maml.__main__ import CLI
+
+    method = getattr(CLI, command)
+    described = set(re.findall(r"^\s{12}(\w+): \S", method.__doc__, re.M))
+    options = set(inspect.signature(method).parameters) - {"self"}
+    assert described == options
+    if command == "eval":
+        shown = run_cli(command, "--help")  # fire writes help to stderr when not on a terminal
+        assert shown.returncode == 0 and "the run to evaluate" in shown.stdout + shown.stderr
