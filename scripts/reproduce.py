@@ -234,26 +234,38 @@ def plot_variants(out: Path) -> Path | None:
                        title=f"Omniglot 5-way 1-shot variants on {where}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("benchmark", nargs="?", choices=sorted(BENCHMARKS))
+    p.add_argument("benchmark", nargs="?", choices=sorted(BENCHMARKS),
+                   help="the benchmark to run, or continue where its folder has a checkpoint")
     p.add_argument("--minutes", type=float, default=None, help="training time for this slot")
     p.add_argument("--iterations", type=int, default=None, help="override the protocol's iterations")
-    p.add_argument("--tasks", type=int, default=EVAL_TASKS)
-    p.add_argument("--out", default=str(ROOT / "runs" / "reproduce"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--engine", default="auto")
-    p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "omniglot"))
-    p.add_argument("--val-every", type=int, default=500)
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-onnx", action="store_true")
+    p.add_argument("--tasks", type=int, default=EVAL_TASKS,
+                   help=f"meta-test tasks to evaluate on (default {EVAL_TASKS})")
+    p.add_argument("--out", default=str(ROOT / "runs" / "reproduce"),
+                   help="results folder; each benchmark writes <out>/<benchmark>/")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
+    p.add_argument("--engine", default="auto", help="auto, higher or batched")
+    p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "omniglot"),
+                   help="the Omniglot data (npz files or torchvision's folder layout)")
+    p.add_argument("--val-every", type=int, default=500,
+                   help="iterations between validations (the learning curve's points)")
+    p.add_argument("--log-every", type=int, default=50, help="iterations between metric lines")
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights, split and tasks")
+    p.add_argument("--skip-onnx", action="store_true",
+                   help="do not export and evaluate the ONNX adapter")
     p.add_argument("--weights", choices=["final", "best"], default="final",
                    help="evaluate the last weights (the paper's protocol) or those best on the "
                         "validation tasks")
     p.add_argument("--table", action="store_true",
                    help="print the results table, draw the 5-way 1-shot variants, and exit")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if args.table:
         print(table(Path(args.out)))

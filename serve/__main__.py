@@ -15,17 +15,19 @@ from pathlib import Path
 from maml.errors import UsageError
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--adapter", required=True, help="export directory (python -m export --out)")
-    p.add_argument("--backend", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--backend", choices=("onnx", "torchscript"), default="onnx",
+                   help="run the adapter with onnxruntime, or with libtorch (TorchScript)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--max-tasks", type=int, default=256, help="adapted tasks kept at most")
     p.add_argument("--task-ttl", type=float, default=600.0,
                    help="seconds an adapted task may stay idle before it is evicted")
-    p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
+    p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024,
+                   help="largest request body accepted (413 above it)")
     p.add_argument("--max-support", type=int, default=1000, help="examples per support set")
     p.add_argument("--max-query", type=int, default=1000, help="examples per query set")
     p.add_argument("--threads", type=int, default=4, help="inference worker threads")
@@ -36,9 +38,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--static", type=Path, default=None,
                    help="folder served at / (default serve/static/ when it has an index.html)")
     p.add_argument("--log-level", default="info",
-                   choices=("critical", "error", "warning", "info", "debug", "trace"))
-    p.add_argument("--no-access-log", action="store_true")
-    return p.parse_args(argv)
+                   choices=("critical", "error", "warning", "info", "debug", "trace"),
+                   help="uvicorn's log level")
+    p.add_argument("--no-access-log", action="store_true", help="no line per request")
+    return p
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -59,7 +62,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         import uvicorn
 

@@ -242,3 +242,17 @@ def test_help_describes_every_option(command):
     if command == "eval":
         shown = run_cli(command, "--help")  # fire writes help to stderr when not on a terminal
         assert shown.returncode == 0 and "the run to evaluate" in shown.stdout + shown.stderr
+
+
+def test_every_option_of_export_serve_and_reproduce_has_a_help_line():
+    import importlib.util
+
+    from export.__main__ import parser as export_parser
+    from serve.__main__ import parser as serve_parser
+
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "scripts" / "reproduce.py")
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    for make in (export_parser, serve_parser, reproduce.parser):
+        bare = [a.dest for a in make()._actions if not (a.help or "").strip()]
+        assert not bare, f"{make.__module__}: options without help: {bare}"
