@@ -125,6 +125,12 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+def under_torchrun_agent() -> bool:
+    """Whether a torchrun agent watches this process: it forwards every SIGINT / SIGTERM it gets
+    to each worker, and kills them 30 s later."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def _env_int(name: str, default: int | None = None) -> int:
     value = os.environ.get(name)
     if value is None and default is not None:

@@ -212,7 +212,7 @@ def train(
     running: dict[str, float] = {}
     done, signum, out_of_time = start, 0, False
     say = (lambda message: tqdm.write(message, file=sys.stderr)) if main else (lambda message: None)
-    asked = stop_requests(say, again_stops_now=ranks.world == 1)
+    asked = stop_requests(say, again_stops_now=not distributed.under_torchrun_agent())
     with asked as received, contextlib.closing(bar), log or contextlib.nullcontext():
         for it in range(start, cfg.iterations):
             batch = exp.source.sample(cfg.meta_batch_size, gen, "train")
