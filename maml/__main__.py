@@ -323,18 +323,33 @@ class CLI:
     def plot(self, checkpoint: str, out: str | None = None) -> None:
         """Draw the run's learning curves (validation metric against iterations and seconds).
 
+        `--checkpoint a.pt,b.pt` draws several runs in one figure, to compare them.
+
         Args:
-            checkpoint: the run whose <checkpoint>.metrics.jsonl to draw.
-            out: the PNG to write (default: <checkpoint>.curves.png beside it).
+            checkpoint: the run whose <checkpoint>.metrics.jsonl to draw; several, comma-separated.
+            out: the PNG to write (default: <checkpoint>.curves.png beside the first run).
         """
         from maml.curves import plot_curves
         from maml.train import paths
 
-        metrics = paths(checkpoint)["metrics"]
-        if not metrics.is_file():
-            raise UsageError(f"no metrics file {metrics}; train with --checkpoint {checkpoint} first")
-        target = out or str(metrics.with_name(metrics.name.replace(".metrics.jsonl", ".curves.png")))
-        print(plot_curves({Path(checkpoint).stem: metrics}, target, title=Path(checkpoint).name))
+        runs = [Path(c) for c in checkpoint.split(",") if c.strip()]
+        if not runs:
+            raise UsageError("--checkpoint names no run; give one, or several comma-separated")
+        for run in runs:
+            if not paths(run)["metrics"].is_file():
+                raise UsageError(f"no metrics file {paths(run)['metrics']}; train with "
+                                 f"--checkpoint {run} first")
+        # label each run by its file name, with as many parent folders as tell them apart
+        depth = next((d for d in range(1, max(len(r.parts) for r in runs) + 1)
+                      if len({r.with_suffix("").parts[-d:] for r in runs}) == len(runs)), None)
+        if depth is None:
+            raise UsageError(f"--checkpoint names the same run twice: {checkpoint}")
+        labels = ["/".join(r.with_suffix("").parts[-depth:]) for r in runs]
+        first = paths(runs[0])["metrics"]
+        target = out or str(first.with_name(first.name.replace(".metrics.jsonl", ".curves.png")))
+        title = runs[0].name if len(runs) == 1 else f"{len(runs)} runs"
+        print(plot_curves({label: paths(r)["metrics"] for label, r in zip(labels, runs)}, target,
+                          title=title))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -256,3 +256,22 @@ def test_every_option_of_export_serve_and_reproduce_has_a_help_line():
     for make in (export_parser, serve_parser, reproduce.parser):
         bare = [a.dest for a in make()._actions if not (a.help or "").strip()]
         assert not bare, f"{make.__module__}: options without help: {bare}"
+
+
+def test_plot_compares_several_runs_in_one_figure(tmp_path, capsys, monkeypatch, sinusoid_ckpt):
+    other = tmp_path / "other" / sinusoid_ckpt.name  # the same file name: told apart by folder
+    assert main(["train", "--iterations", "4", "--meta-batch-size", "2", "--checkpoint", str(other),
+                 "--val-every", "2", "--log-every", "2", "--val-tasks", "3", "--quiet"]) == 0
+    drawn = {}
+
+    def record(runs, out, title=""):
+        drawn.update(runs)
+        return out
+
+    monkeypatch.setattr("maml.curves.plot_curves", record)
+    both = f"{sinusoid_ckpt},{other}"
+    assert main(["plot", "--checkpoint", both, "--out", str(tmp_path / "c.png")]) == 0
+    assert list(drawn) == [f"{sinusoid_ckpt.parent.name}/s", "other/s"]
+    assert all(Path(p).is_file() for p in drawn.values())
+    assert "the same run twice" in bad(capsys, "plot", "--checkpoint", f"{other},{other}")
+    assert "no metrics file" in bad(capsys, "plot", "--checkpoint", f"{other},{tmp_path / 'x.pt'}")
