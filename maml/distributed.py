@@ -145,8 +145,8 @@ def _env_int(name: str, default: int | None = None) -> int:
 def start(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Ranks, str]:
     """Join torchrun's process group (if launched by it); return this rank and the device to use.
 
-    The backend is nccl for CUDA devices and gloo otherwise; on CUDA each process takes
-    `cuda:LOCAL_RANK`. Call `finish` after a clean run.
+    The backend is nccl for CUDA devices (with gloo for CPU tensors) and gloo otherwise; on
+    CUDA each process takes `cuda:LOCAL_RANK`. Call `finish` after a clean run.
     """
     if timeout_s <= 0:
         raise UsageError(f"--dist-timeout must be > 0 seconds, got {timeout_s}")
@@ -163,7 +163,9 @@ def start(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Ranks, str
                              f"GPUs here; lower --nproc-per-node")
         device = f"cuda:{ranks.local_rank}"
         torch.cuda.set_device(ranks.local_rank)
-    backend = "nccl" if cuda else "gloo"
+    # with nccl, CPU tensors still go through gloo: the per-iteration stop decision
+    # (`max_over_ranks`) then never waits for the GPU
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
     if not dist.is_initialized():
         with guard(ranks, f"the start-up of the {backend} process group"):
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
@@ -242,17 +244,10 @@ def max_over_ranks(values: Sequence[int], ranks: Ranks) -> list[int]:
     to stop, or rank 0's clock (the others give 0) says the time budget is spent."""
     if ranks.world == 1:
         return list(values)
-    tensor = torch.tensor([float(v) for v in values], device=_collective_device())
+    tensor = torch.tensor([float(v) for v in values])  # on the CPU: no wait for the GPU
     with guard(ranks, "the exchange of the decision to stop"):
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return [int(v) for v in tensor.tolist()]
-
-
-def _collective_device() -> torch.device:
-    """Where this backend's tensors must live: the current GPU for nccl, else the CPU."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _fingerprint(tensors: Sequence[Tensor]) -> Tensor:

@@ -20,7 +20,11 @@ class Stopped(Exception):
     def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
         super().__init__(message)
         self.signum = int(signum)
-        self.status = 128 + self.signum
+
+    @property
+    def status(self) -> int:
+        """The shell's exit status for a process ended by this signal."""
+        return 128 + self.signum
 
 
 def exit_status(run: Callable[[], object]) -> int:
