@@ -101,3 +101,49 @@ def test_cpp_program_reports_bad_input(cpp_program, sine, tmp_path):
     assert result.returncode == 1 and "is not a tensor file" in result.stderr
     result = subprocess.run([str(cpp_program)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "usage:" in result.stderr
+
+
+def run_program(program: Path, directory: Path, task: dict, tmp_path: Path):
+    file = tmp_path / "task.bin"
+    tensor_file.save(file, task)
+    return subprocess.run([str(program), str(directory), str(file)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cpp_program_refuses_a_modified_adapter_file(cpp_program, omniglot, tmp_path):
+    copy = tmp_path / "adapter"
+    shutil.copytree(omniglot.directory, copy)
+    with open(copy / "predict.ts", "ab") as f:
+        f.write(b"x")
+    result = run_program(cpp_program, copy, make_task(omniglot.meta, 1, 2, 5), tmp_path)
+    assert result.returncode == 1
+    assert "predict.ts does not match its sha256 in adapter.json" in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stdout == ""
+
+    (copy / "adapter.json").unlink()
+    result = run_program(cpp_program, copy, make_task(omniglot.meta, 1, 2, 5), tmp_path)
+    assert result.returncode == 1 and "has no adapter.json" in result.stderr
+
+
+def test_cpp_program_checks_the_task_like_the_python_runtime(cpp_program, omniglot, sine,
+                                                            tmp_path):
+    """Each bad task is one `error:` line, worded as serve/validation.py words it."""
+    good = make_task(omniglot.meta, 2, 2, 6)
+    n = omniglot.meta["n_way"]
+    cases = [
+        (omniglot, {**good, "support_y": good["support_y"] + 2}, f"outside [0, {n})"),
+        (omniglot, {**good, "support_y": np.zeros(n, np.int64)}, "class 1 has no support example"),
+        (omniglot, {**good, "query_x": good["query_x"][:, :, :10]},
+         f"query_x has shape ({2 * n}, 1, 10, 28), expected (N, 1, 28, 28)"),
+        (omniglot, {**good, "support_x": np.where(good["support_x"] > 0.5, np.nan,
+                                                  good["support_x"]).astype(np.float32)},
+         "support_x has"),
+        (omniglot, {**good, "support_y": good["support_y"][:-1]},
+         f"support_x has {2 * n} examples but support_y has {2 * n - 1}"),
+        (sine, good, f"support_x has shape ({2 * n}, 1, 28, 28), expected (N, 1)"),
+    ]
+    for adapter, task, message in cases:
+        result = run_program(cpp_program, adapter.directory, task, tmp_path)
+        assert result.returncode == 1, (message, result.stdout)
+        assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1 and result.stdout == ""
