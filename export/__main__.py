@@ -29,6 +29,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=int, default=3,
                    help="test tasks per support size for the parity check (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the parity-check tasks")
+    p.add_argument("--data-root", default=None,
+                   help="the Omniglot data, if it has moved since training (default: the run's)")
     return p
 
 
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     return exit_status(lambda: export_checkpoint(
         args.checkpoint, args.out, args.steps, args.inner_lr, args.formats, not args.no_verify,
-        args.tasks, args.seed))
+        args.tasks, args.seed, data_root=args.data_root))
 
 
 if __name__ == "__main__":

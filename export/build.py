@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,15 +93,21 @@ def write_formats(r: Routine, task: Example, formats: tuple[str, ...], folder: P
 def export_checkpoint(
     checkpoint_path: str, out: str, steps: int | None = None, inner_lr: float | None = None,
     formats: str | tuple[str, ...] = FORMATS, check: bool = True, tasks: int = 3, seed: int = 0,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, data_root: str | None = None,
 ) -> dict[str, Any]:
-    """Export `checkpoint_path` to the folder `out`; returns the adapter.json written."""
+    """Export `checkpoint_path` to the folder `out`; returns the adapter.json written.
+
+    `data_root` replaces the run's Omniglot folder (for the parity check's tasks) when the data
+    has moved since training."""
     chosen = parse_formats(formats)
     if tasks < 1:
         raise UsageError(f"--tasks must be >= 1, got {tasks}")
-    if inner_lr is not None and not inner_lr > 0:
-        raise UsageError(f"--inner-lr must be > 0, got {inner_lr}")
-    exp = restore(checkpoint.load(checkpoint_path), checkpoint_path, "cpu")
+    if inner_lr is not None and not (math.isfinite(inner_lr) and inner_lr > 0):
+        raise UsageError(f"--inner-lr must be a finite number > 0, got {inner_lr}")
+    state = checkpoint.load(checkpoint_path)
+    if data_root is not None:
+        state["config"] = {**state["config"], "data_root": data_root}
+    exp = restore(state, checkpoint_path, "cpu")
     r = routine(exp, steps, inner_lr)
     task = example_task(exp)
     classification = exp.cfg.loss == "cross_entropy"  # (restore checked the output shape)
@@ -109,7 +116,8 @@ def export_checkpoint(
     lr = exp.cfg.inner_lr if inner_lr is None else inner_lr
     inner = InnerLoop(exp.cfg.loss, int(r.step_sizes.shape[0]), lr)
     info = facts(exp, r, inner_lr, n_way, list(task[1].shape[1:]))
-    with bundle.staging(Path(out)) as folder:
+    every_file = [INIT, *(n for per in file_names(FORMATS).values() for n in per.values())]
+    with bundle.staging(Path(out), every_file) as folder:
         log(f"exporting {checkpoint_path} ({exp.model_spec}, {inner.steps} steps, "
             f"{'learned step sizes' if learned is not None else f'step size {lr:g}'}) to {out}")
         write_formats(r, task, chosen, folder, onnx_metadata(info), log)

@@ -1,12 +1,15 @@
 """Write an output folder atomically: build it in a hidden temporary folder beside the target,
-then rename. On any failure the temporary folder is removed and the target is left as it was."""
+then rename. On any failure the temporary folder is removed and the target is left as it was.
+
+The new folder replaces the old one whole, so a target is only replaced when it holds nothing
+but what an export writes: a user's own files in it are refused, never deleted."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,19 +18,31 @@ from maml.errors import UsageError
 MARKER = "adapter.json"
 
 
-def _check_target(out: Path) -> None:
+def _check_target(out: Path, owned: Collection[str]) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the adapter")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / MARKER).is_file():
         raise UsageError(f"--out {out} is a non-empty folder without {MARKER}; "
                          "choose a new or empty folder (an existing adapter is replaced)")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in {MARKER, *owned})
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
+                                          else "")
+        raise UsageError(f"--out {out} holds files an export does not write ({shown}); the "
+                         "adapter replaces the whole folder, so move them out or choose "
+                         "another --out")
 
 
 @contextmanager
-def staging(out: Path) -> Iterator[Path]:
-    """Yield a fresh temporary folder; on success it replaces `out`, on failure it vanishes."""
+def staging(out: Path, owned: Collection[str] = ()) -> Iterator[Path]:
+    """Yield a fresh temporary folder; on success it replaces `out`, on failure it vanishes.
+
+    `owned`: the file names an export writes (besides adapter.json), the only ones an existing
+    `out` may hold."""
     out = Path(out)
-    _check_target(out)
+    _check_target(out, owned)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

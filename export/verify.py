@@ -189,9 +189,16 @@ def verify(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop, fold
     classification = inner.loss == "cross_entropy"
     for task in tasks:
         ref = reference(exp, learned, inner, task)
+        if not np.isfinite(ref).all():
+            raise UsageError(
+                "the checkpoint's own inner loop gives non-finite outputs on a test task (its "
+                "weights or step sizes have diverged, or the step size is too large); export a "
+                "checkpoint from before the divergence, or pass a smaller --inner-lr")
         sx, sy, qx = (t[0].numpy() for t in (task.support_x, task.support_y, task.query_x))
         outputs = {fmt: runner(sx, sy, qx) for fmt, runner in run.items()}
-        diffs = {fmt: max(float(np.abs(o - ref).max()) for o in outs)
+        # nan_to_num: a non-finite export output is an infinite difference, never max()'s
+        # silently dropped NaN
+        diffs = {fmt: max(float(np.nan_to_num(np.abs(o - ref), nan=np.inf).max()) for o in outs)
                  for fmt, outs in outputs.items()}
         same_argmax = {fmt: all((o.argmax(-1) == ref.argmax(-1)).all() for o in outs)
                        for fmt, outs in outputs.items()} if classification else {}

@@ -11,6 +11,7 @@ import difflib
 import functools
 import inspect
 import json
+import os
 import re
 import sys
 import types
@@ -52,15 +53,12 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 
 def checked(command: Callable) -> Callable:
     """Check every option against its type hint before `command` runs: fire passes a value as
-    whatever it parses as (`--iterations abc` arrives as the string 'abc'). The names of the
-    options given are kept as `self.given` (`--resume` tells them from defaults)."""
+    whatever it parses as (`--iterations abc` arrives as the string 'abc')."""
     signature, hints = inspect.signature(command), typing.get_type_hints(command)
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
-        if args:  # the options given on the command line, as opposed to defaults
-            args[0].given = frozenset(bound.arguments) - {"self"}
         for name, value in bound.arguments.items():
             if hints.get(name, Any) is not Any:
                 bound.arguments[name] = _coerce(name, value, hints[name])
@@ -69,31 +67,46 @@ def checked(command: Callable) -> Callable:
     return run
 
 
-def check_options(argv: list[str]) -> None:
-    """Refuse an unknown `--option` before anything runs. Fire would run the command first and
-    only then complain about the option it could not use, so a typo would start (and overwrite)
-    a whole training run."""
+def check_options(argv: list[str]) -> frozenset[str]:
+    """The options typed on the command line (`--resume` compares those alone with the saved
+    run: fire passes every default too), after refusing an unknown or ambiguous one before
+    anything runs. Fire would run the command first and only then complain about the option it
+    could not use, so a typo would start (and overwrite) a whole training run."""
     command = getattr(CLI, argv[0], None) if argv else None
     if command is None or argv[0].startswith("_"):
-        return  # fire names an unknown command itself
+        return frozenset()  # fire names an unknown command itself
     known = [p for p in inspect.signature(command).parameters if p != "self"]
     is_flag = re.compile(r"^(--|-[a-zA-Z])").match
-    rest, value_next = argv[1:], False
+    given, rest, value_next = set(), argv[1:], False
     for i, token in enumerate(rest):
         if token == "--":
-            return  # what follows is fire's own flags
+            break  # what follows is fire's own flags
         if value_next or not is_flag(token):
             value_next = False
             continue
         value_next = "=" not in token and i + 1 < len(rest) and not is_flag(rest[i + 1])
         key = token.lstrip("-").split("=", 1)[0].replace("-", "_")
-        if (key in known or key in ("help", "h") or key[:2] == "no" and key[2:] in known
-                or len(key) == 1 and any(p.startswith(key) for p in known)):
+        negated = key[2:].lstrip("_") if key.startswith("no") else None
+        if key in known or negated in known:
+            given.add(key if key in known else negated)
+        elif key in ("help", "h"):
             continue
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = f"; did you mean --{close[0].replace('_', '-')}?" if close else ""
-        raise UsageError(f"`{argv[0]}` has no option --{key.replace('_', '-')}{hint} "
-                         f"(see python -m maml {argv[0]} --help)")
+        elif len(key) == 1 and token.startswith("-") and not token.startswith("--"):
+            starting = [p for p in known if p.startswith(key)]
+            if len(starting) > 1:
+                names = ", ".join("--" + p.replace("_", "-") for p in starting)
+                raise UsageError(f"-{key} is ambiguous for `{argv[0]}` ({names}); write the "
+                                 "option out in full")
+            if not starting:
+                raise UsageError(f"`{argv[0]}` has no option -{key} (see python -m maml "
+                                 f"{argv[0]} --help)")
+            given.add(starting[0])
+        else:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean --{close[0].replace('_', '-')}?" if close else ""
+            raise UsageError(f"`{argv[0]}` has no option --{key.replace('_', '-')}{hint} "
+                             f"(see python -m maml {argv[0]} --help)")
+    return frozenset(given)
 
 
 def _kwargs(value: Any) -> dict[str, Any]:
@@ -112,6 +125,9 @@ def _kwargs(value: Any) -> dict[str, Any]:
 
 class CLI:
     """MAML meta-training and evaluation of any PyTorch model."""
+
+    def __init__(self, given: frozenset[str] = frozenset()) -> None:
+        self._given = given  # the options typed on the command line (`check_options`)
 
     @checked
     def train(
@@ -211,7 +227,8 @@ class CLI:
             inner_steps=inner_steps, inner_lr=inner_lr, eval_inner_steps=eval_inner_steps,
             first_order=first_order, learn_inner_lr=learn_inner_lr, meta_lr=meta_lr,
             meta_batch_size=meta_batch_size, iterations=iterations, grad_clip=grad_clip,
-            model=model, model_kwargs=_kwargs(model_kwargs), data_root=data_root,
+            model=model, model_kwargs=_kwargs(model_kwargs),
+            data_root=os.path.abspath(os.path.expanduser(data_root)),  # eval runs from anywhere
             download=download, split=split, val_chars=val_chars, seed=seed, device=device,
             engine=engine, task_chunk=task_chunk, memory_budget_mb=memory_budget_mb,
             compile=compile, cuda_graphs=cuda_graphs, bf16=bf16, tf32=tf32,
@@ -222,7 +239,7 @@ class CLI:
             raise UsageError(f"--minutes must be > 0, got {minutes}")
         try:
             result = train(cfg, resume=resume, progress=not quiet, max_minutes=minutes,
-                           ranks=ranks, given=getattr(self, "given", frozenset()))
+                           ranks=ranks, given=self._given)
         except Stopped as exc:  # rank 0 alone says so, as it alone prints
             hint = f"{exc}; add --resume to the same command to continue" if ranks.is_main else ""
             raise Stopped(hint, exc.signum) from None
@@ -250,6 +267,7 @@ class CLI:
         engine: str | None = None,
         task_chunk: int | str | None = None,  # a number, or "auto" (sized to the budget)
         batch_size: int = 25,
+        data_root: str | None = None,
         json: bool = False,  # noqa: A002 - the flag is --json
         quiet: bool = False,
         dist_timeout: float = 300.0,
@@ -271,6 +289,7 @@ class CLI:
             engine: auto, higher or batched (default: the run's).
             task_chunk: batched engine: tasks per chunk, or auto.
             batch_size: tasks adapted to at once.
+            data_root: the Omniglot data, if it has moved since training (default: the run's).
             json: print one JSON object instead of the sentence.
             quiet: no progress bar.
             dist_timeout: under torchrun, seconds to wait for another process before failing.
@@ -289,7 +308,8 @@ class CLI:
             name, value = ("tasks", tasks) if tasks < 1 else ("batch-size", batch_size)
             raise UsageError(f"--{name} must be >= 1, got {value}")
         state = ckpt.load(checkpoint)
-        overrides = {k: v for k, v in (("k_shot", k_shot), ("q_query", q_query)) if v is not None}
+        overrides = {k: v for k, v in (("k_shot", k_shot), ("q_query", q_query),
+                                       ("data_root", data_root)) if v is not None}
         ranks, device = distributed.start(device, dist_timeout)
         exp = restore({**state, "config": {**state["config"], **overrides}}, checkpoint, device)
         cfg = exp.cfg
@@ -356,8 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
 
     def run() -> None:
-        check_options(argv)
-        fire.Fire(CLI, command=argv, name="python -m maml")
+        fire.Fire(CLI(check_options(argv)), command=argv, name="python -m maml")
 
     code = exit_status(run)
     from maml.distributed import exit_if_abandoned

@@ -7,6 +7,7 @@ shell's status for the signal, 128 + its number (130 for Ctrl-C, 143 for SIGTERM
 
 import signal
 import sys
+import threading
 from collections.abc import Callable
 
 
@@ -27,8 +28,27 @@ class Stopped(Exception):
         return 128 + self.signum
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise Stopped("terminated (SIGTERM)", signum)
+
+
 def exit_status(run: Callable[[], object]) -> int:
-    """Run a command and return its exit status, turning the errors above into one line."""
+    """Run a command and return its exit status, turning the errors above into one line.
+
+    SIGTERM unwinds like Ctrl-C (instead of killing the process on the spot), so that what a
+    command cleans up on the way out, such as a half-written export folder, is cleaned up."""
+    handle = (threading.current_thread() is threading.main_thread()
+              and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    if handle:
+        signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _status(run)
+    finally:
+        if handle:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _status(run: Callable[[], object]) -> int:
     try:
         run()
     except UsageError as exc:

@@ -6,7 +6,8 @@
 
 Inputs are numpy arrays or nested lists; for an image adapter also lists of PNG / JPEG files or
 bytes, preprocessed as its `adapter.json` records. Every input is checked (`serve.validation`)
-before any computation, and every problem is a one-line `maml.errors.UsageError`.
+before any computation, and every problem is a one-line `maml.errors.UsageError`, as are
+non-finite adapted weights or outputs (inputs far outside the training range).
 
 Batch norm uses the statistics of the batch it is given, as in training: the support set while
 adapting and the query set while predicting. So a model with batch norm gives outputs for a query
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from maml.errors import UsageError
 from serve import metadata
 from serve.backends import Backend, make_backend
 from serve.image_input import images_to_inputs, is_image_list
@@ -32,6 +34,14 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(shifted)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def finite_outputs(outputs: np.ndarray) -> np.ndarray:
+    """`outputs`, refused when any is NaN or infinite (a diverged adaptation, not an answer)."""
+    if not np.isfinite(outputs).all():
+        raise UsageError("the adapted model produced non-finite outputs for these inputs (are "
+                         "they far outside the training range?); send smaller values")
+    return outputs
 
 
 class Task:
@@ -53,7 +63,7 @@ class Task:
         Batch norm normalises with the statistics of this query batch (see the module docstring).
         """
         x = self.adapter.query_inputs(query_x)  # checked before the backend is touched
-        return self.adapter.backend.predict(self._params, x)
+        return finite_outputs(self.adapter.backend.predict(self._params, x))
 
 
 class Adapter:
@@ -96,13 +106,18 @@ class Adapter:
     def adapt(self, support_x: Any, support_y: Any) -> Task:
         """Fine-tune the meta-learned weights on a support set (labels `0..n_way-1` or targets)."""
         x, y = self.support_inputs(support_x, support_y)
-        return Task(self, self.backend.adapt(x, y), len(x))
+        task = Task(self, self.backend.adapt(x, y), len(x))
+        if not all(np.isfinite(p).all() for p in task.parameters):
+            raise UsageError("adapting to this support set gave non-finite weights (are its "
+                             "inputs or targets far outside the training range?); send smaller "
+                             "values")
+        return task
 
     def adapt_predict(self, support_x: Any, support_y: Any, query_x: Any) -> np.ndarray:
         """Adapt and predict in one call (one graph; nothing kept between calls)."""
         x, y = self.support_inputs(support_x, support_y)
         q = self.query_inputs(query_x)
-        return self.backend.adapt_predict(x, y, q)
+        return finite_outputs(self.backend.adapt_predict(x, y, q))
 
 
 def load(

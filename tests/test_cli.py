@@ -1,6 +1,7 @@
 """The command line: train, eval --json, resume, and one-line errors for bad input."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -76,19 +77,52 @@ def test_resume_takes_a_new_schedule_and_refuses_a_new_setting(tmp_path, capsys)
     assert [x["iteration"] for x in lines if "val_mse" in x] == [2, 3]  # validated at 3: every 1
 
 
+def test_resume_compares_only_the_options_typed(tmp_path, capsys):
+    """A run started with non-default settings resumes with the README's short command: the
+    defaults of options not typed again are not "changes" (fire passes every default)."""
+    ckpt = str(tmp_path / "r.pt")
+    assert main(["train", "--seed", "3", "--model-kwargs", '{"hidden": 8}', "--iterations", "1",
+                 "--meta-batch-size", "2", "--val-tasks", "2", "--checkpoint", ckpt,
+                 "--quiet"]) == 0
+    assert main(["train", "--checkpoint", ckpt, "--iterations", "2", "--resume", "--quiet"]) == 0
+    state = torch.load(ckpt, weights_only=True)
+    assert state["iteration"] == 2 and state["config"]["seed"] == 3
+    assert state["config"]["model_kwargs"] == {"hidden": 8}
+    line = bad(capsys, "train", "--checkpoint", ckpt, "--iterations", "3", "--resume", "--seed", "0")
+    assert "--seed 0 differs from the run being resumed (3 in" in line
+
+
+def test_a_short_flag_names_one_option_or_is_refused(capsys):
+    assert "-q is ambiguous for `train` (--q-query, --quiet)" in bad(capsys, "train", "-q", "5")
+    assert "`train` has no option -z" in bad(capsys, "train", "-z", "5")
+
+
 @pytest.mark.skipif(not DATA.is_dir(), reason="Omniglot copy not found")
-def test_omniglot_train_and_eval(tmp_path, capsys):
+def test_omniglot_train_and_eval(tmp_path, capsys, monkeypatch):
+    """Trained with a relative --data-root, the run evaluates from any folder (the path is kept
+    absolute), and `eval --data-root` finds data that has moved since."""
     ckpt = str(tmp_path / "o.pt")
+    relative = os.path.relpath(DATA, ROOT)
+    monkeypatch.chdir(ROOT)
     assert main(["train", "--dataset", "omniglot", "--iterations", "2", "--meta-batch-size", "2",
                  "--model-kwargs", '{"hidden": 8}', "--checkpoint", ckpt, "--val-every", "2",
-                 "--log-every", "1", "--val-tasks", "4", "--data-root", str(DATA), "--quiet"]) == 0
+                 "--log-every", "1", "--val-tasks", "4", "--data-root", relative, "--quiet"]) == 0
     state = torch.load(ckpt, weights_only=True)
     assert set(state["split"]) == {"train", "val", "test"}
     assert state["model"]["kwargs"] == {"hidden": 8, "n_way": 5}
+    assert Path(state["config"]["data_root"]).samefile(DATA)
+    assert Path(state["config"]["data_root"]).is_absolute()
+    monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     assert main(["eval", "--checkpoint", ckpt, "--tasks", "5", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["metric"] == "accuracy" and 0 <= result["mean"] <= 1 and result["inner_steps"] == 3
+    (tmp_path / "moved").symlink_to(DATA.resolve())
+    assert main(["eval", "--checkpoint", ckpt, "--tasks", "5", "--json",
+                 "--data-root", "moved"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert "no Omniglot data under gone" in bad(capsys, "eval", "--checkpoint", ckpt,
+                                                "--data-root", "gone")
 
 
 def bad(capsys, *args: str) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,51 @@ def test_a_random_forward_is_refused(tmp_path, capsys):
     assert code == 2
     assert line.startswith("error: the model's forward is random") and "dropout" in line
     assert not (tmp_path / "a").exists()
+
+
+def test_infinite_step_size_is_refused(tmp_path, sinusoid_ckpt, capsys):
+    code, line = run_main(capsys, "--checkpoint", str(sinusoid_ckpt), "--out",
+                          str(tmp_path / "a"), "--inner-lr", "inf")
+    assert code == 2 and line == "error: --inner-lr must be a finite number > 0, got inf"
+
+
+def test_diverged_weights_are_named_not_hidden(tmp_path, sinusoid_ckpt, capsys):
+    """NaN weights (a diverged run) used to pass through max(0.0, nan) == 0.0 and end in a
+    "verification failed: max |difference| 0.00e+00" that named nothing."""
+    state = torch.load(sinusoid_ckpt, weights_only=True)
+    first = next(iter(state["model"]["state_dict"]))
+    state["model"]["state_dict"][first].fill_(float("nan"))
+    nan_ckpt = tmp_path / "nan.pt"
+    torch.save(state, nan_ckpt)
+    code, line = run_main(capsys, "--checkpoint", str(nan_ckpt), "--out", str(tmp_path / "a"),
+                          "--formats", "torchscript", "--tasks", "1")
+    assert code == 2 and "inner loop gives non-finite outputs" in line, line
+    assert not (tmp_path / "a").exists()
+
+
+def test_own_files_in_an_adapter_folder_are_refused_not_deleted(tmp_path, sinusoid_ckpt, capsys):
+    out = tmp_path / "adapter"
+    args = ["--checkpoint", str(sinusoid_ckpt), "--out", str(out), "--formats", "torchscript",
+            "--tasks", "1"]
+    assert run_main(capsys, *args)[0] == 0
+    (out / "NOTES.txt").write_text("mine")
+    code, line = run_main(capsys, *args)
+    assert code == 2 and "holds files an export does not write (NOTES.txt)" in line
+    assert (out / "NOTES.txt").read_text() == "mine" and (out / "adapter.json").is_file()
+
+
+def test_sigterm_mid_export_leaves_nothing_behind(tmp_path, sinusoid_ckpt):
+    """SIGTERM unwinds like Ctrl-C: the half-written temporary folder is removed."""
+    out = tmp_path / "adapter"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "export", "--checkpoint", str(sinusoid_ckpt), "--out", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".adapter.*.tmp")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "stopped: terminated (SIGTERM)"
+    assert list(tmp_path.iterdir()) == []

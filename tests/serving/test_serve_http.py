@@ -177,6 +177,11 @@ def test_torchscript_backend_serves_regression(sine, server_factory):
     assert "probabilities" not in answer.json()
     r = post(server.url + "/v1/predict", {**as_json(task), "support_y": [1.0] * 5})
     assert r.status_code == 422 and "expected (N, 1)" in r.json()["error"]
+    # finite but far out of range: the adaptation diverges, and no dead task is stored
+    wild = {"support_x": [[1e10]], "support_y": [[1e10]]}
+    r = post(server.url + "/v1/tasks", wild)
+    assert r.status_code == 422 and "non-finite weights" in r.json()["error"], r.text
+    assert httpx.get(server.url + "/healthz").json()["tasks"] == 0
 
 
 def test_tasks_are_evicted_by_count_and_idle_time(sine, server_factory, tmp_path):

@@ -160,6 +160,19 @@ def test_bad_inputs_are_refused_before_any_computation(omniglot):
         good.predict(qx[:0])
 
 
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_a_diverging_adaptation_is_an_error_not_nan(sine, backend):
+    """Finite inputs far outside the training range make the SGD steps overflow: the library
+    says so rather than handing back NaN weights or predictions."""
+    adapter = serve.load(sine.directory, backend)
+    wild_x, wild_y, query = [[1e10]], [[1e10]], [[0.5], [1.0]]
+    with pytest.raises(UsageError, match="non-finite weights"):
+        adapter.adapt(wild_x, wild_y)
+    with pytest.raises(UsageError, match="non-finite outputs"):
+        adapter.adapt_predict(wild_x, wild_y, query)
+    assert np.isfinite(adapter.adapt([[1.0]], [[0.5]]).predict(query)).all()
+
+
 def test_serve_runs_without_torch(omniglot, tmp_path):
     """`import serve` and the onnxruntime backend work where torch and higher cannot import."""
     task = make_task(omniglot.meta, 1, 2, seed=9)
