@@ -167,6 +167,7 @@ class CLI:
         val_tasks: int = 100,
         checkpoint_every: int = 500,
         resume: bool = False,
+        overwrite: bool = False,
         minutes: float | None = None,
         quiet: bool = False,
         dist_timeout: float = 300.0,
@@ -212,6 +213,7 @@ class CLI:
             val_tasks: tasks per validation.
             checkpoint_every: iterations between checkpoints (also at the end and on a stop).
             resume: continue the run saved at --checkpoint; it keeps what it learns with.
+            overwrite: start again over the run saved at --checkpoint (refused without it).
             minutes: stop after this many minutes of this call, with a checkpoint.
             quiet: no progress bar.
             dist_timeout: under torchrun, seconds to wait for another process before failing.
@@ -237,9 +239,11 @@ class CLI:
         )
         if minutes is not None and minutes <= 0:
             raise UsageError(f"--minutes must be > 0, got {minutes}")
+        if resume and overwrite:
+            raise UsageError("--resume and --overwrite contradict each other; give one")
         try:
             result = train(cfg, resume=resume, progress=not quiet, max_minutes=minutes,
-                           ranks=ranks, given=self._given)
+                           ranks=ranks, given=self._given, overwrite=overwrite)
         except Stopped as exc:  # rank 0 alone says so, as it alone prints
             hint = f"{exc}; add --resume to the same command to continue" if ranks.is_main else ""
             raise Stopped(hint, exc.signum) from None

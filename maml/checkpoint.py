@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,13 @@ def save(path: str | Path, state: dict[str, Any]) -> None:
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and check a checkpoint; any problem is a one-line `UsageError`."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"checkpoint {path} is a folder; give the .pt file `train` wrote")
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist; train one with `python -m maml train`")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise UsageError(f"{path} is not a readable checkpoint: not a file torch.save wrote "
+                         "(truncated, or another kind of file)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:

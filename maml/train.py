@@ -28,6 +28,7 @@ import dataclasses
 import json
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -134,9 +135,22 @@ def stop_requests(say: Callable[[str], None], again_stops_now: bool = True) -> I
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
+def writable_target(path: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse, before any training, a checkpoint path that cannot be written or that holds a
+    run which neither `resume` nor `overwrite` says what to do with."""
+    if path.is_dir():
+        raise UsageError(f"--checkpoint {path} is a folder; give a file name such as "
+                         f"{path / 'model.pt'}")
+    if path.exists() and not (resume or overwrite):
+        raise UsageError(f"{path} already holds a run; add --resume to continue it, --overwrite "
+                         "to start again in its place, or choose another --checkpoint")
+    path.parent.mkdir(parents=True, exist_ok=True)  # an OSError here is exit_status's one line
+    tempfile.TemporaryFile(dir=path.parent).close()
+
+
 def train(
     cfg: Config, resume: bool = False, progress: bool = True, max_minutes: float | None = None,
-    ranks: Ranks = SINGLE, given: Collection[str] = (),
+    ranks: Ranks = SINGLE, given: Collection[str] = (), overwrite: bool = False,
 ) -> dict[str, Any]:
     """Meta-train as `cfg` says (or continue the run at `cfg.checkpoint`); return final metrics.
 
@@ -145,10 +159,16 @@ def train(
     run keeps the checkpoint's settings except `cfg`'s iterations and device and those named in
     `given` (the ones the caller chose) that may change between slots (`config.resumed`).
     With `ranks` (a torchrun launch) every rank runs this same function on its share of tasks.
+    An existing run at `cfg.checkpoint` is only replaced with `overwrite`.
     """
     where = paths(cfg.checkpoint)
+    writable_target(where["latest"], resume, overwrite)
     if resume:
         state = checkpoint.load(where["latest"])
+        lacking = [key for key in ("optimizer", "rng", "metrics") if key not in state]
+        if lacking:
+            raise UsageError(f"{where['latest']} holds weights but not a resumable run (no "
+                             f"{', '.join(lacking)}); start a new run under another --checkpoint")
         requested = dataclasses.replace(cfg, checkpoint=str(where["latest"]))
         settings = resumed(Config.from_dict(state["config"]), requested, given,
                            str(where["latest"]))
@@ -193,17 +213,22 @@ def train(
             "versions": {"torch": str(torch.__version__), "maml": "0.1.0"},
         }
 
+    saved_at = state["iteration"] if state is not None else None  # the run's last checkpoint
+
     def stop_if_diverged(iteration: int, loss: float) -> None:
         if not (torch.isfinite(torch.tensor(loss)) and _finite(exp)):
-            raise TrainingDiverged(
-                f"meta-loss became non-finite ({loss}) by iteration {iteration}; the last good "
-                f"checkpoint is {where['latest']}; lower --meta-lr or set --grad-clip"
-            )
+            kept = (f"the last good checkpoint, of iteration {saved_at}, is {where['latest']}"
+                    if saved_at is not None else "no checkpoint of this run was written")
+            raise TrainingDiverged(f"meta-loss became non-finite ({loss}) by iteration "
+                                   f"{iteration}; {kept}; lower --meta-lr or set --grad-clip")
 
     def save(path: Path, iteration: int) -> None:
+        nonlocal saved_at
         distributed.check_replicas_agree(exp.meta_parameters, ranks)
         if main:
             checkpoint.save(path, snapshot(iteration))
+        if path == where["latest"]:
+            saved_at = iteration
 
     t0 = time.perf_counter() - metrics.get("seconds", 0.0)  # training seconds add up over resumes
     deadline = None if max_minutes is None else time.perf_counter() + 60 * max_minutes

@@ -10,7 +10,7 @@ OUT=${OUT_DIR:-runs/quickstart}
 ITERATIONS=${ITERATIONS:-2000}
 echo "== meta-train: sinusoid, $ITERATIONS iterations =="
 $PY -m maml train --dataset sinusoid --iterations "$ITERATIONS" --checkpoint "$OUT/sinusoid.pt" \
-  --val-every 500 --log-every 100
+  --val-every 500 --log-every 100 --overwrite
 echo "== evaluate on 600 new tasks (5-shot, 10 steps) =="
 $PY -m maml eval --checkpoint "$OUT/sinusoid.pt" --tasks 600 --k-shot 5 --quiet
 echo "== export: the meta-learned init + 10 SGD steps as ONNX, checked against the inner loop =="

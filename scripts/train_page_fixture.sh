@@ -12,7 +12,7 @@ FULL=${OUT%.pt}.full.pt
 "$PY" -m maml train --dataset omniglot --n-way 5 --k-shot 1 --q-query 5 --model cnn \
   --model-kwargs '{"hidden": 32}' --iterations "$ITERATIONS" --meta-batch-size 8 \
   --val-every 100 --val-tasks 50 --checkpoint-every 20 --device "${DEVICE:-cpu}" \
-  --checkpoint "$FULL" --quiet
+  --checkpoint "$FULL" --overwrite --quiet
 "$PY" - "$FULL" "$OUT" <<'PY'
 import sys
 

@@ -1,5 +1,6 @@
 """Meta-training end to end: learning, exact resume, determinism, checkpoints, divergence."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ import torch
 import maml.train
 from maml import checkpoint
 from maml.config import Config
-from maml.errors import Stopped
+from maml.errors import Stopped, UsageError
 from maml.evaluate import evaluate
 from maml.experiment import build, restore
 from maml.train import TrainingDiverged, paths, stop_requests, train
@@ -122,12 +123,36 @@ def test_checkpoint_contents_and_best_copy(tmp_path):
 def test_non_finite_meta_loss_stops_before_writing_nan_weights(tmp_path):
     cfg = sinusoid_config(tmp_path, iterations=30, inner_lr=1e30, checkpoint_every=5,
                           log_every=5, val_every=1000)
-    with pytest.raises(TrainingDiverged, match="non-finite"):
+    with pytest.raises(TrainingDiverged, match="non-finite") as stopped:
         train(cfg, progress=False)
     latest = paths(cfg.checkpoint)["latest"]
-    if latest.exists():
+    if latest.exists():  # the message names the checkpoint only if this run wrote it
         state = torch.load(latest, weights_only=True)
         assert all(torch.isfinite(t).all() for t in state["model"]["state_dict"].values())
+        assert f"of iteration {state['iteration']}, is {latest}" in str(stopped.value)
+    else:
+        assert "no checkpoint of this run was written" in str(stopped.value)
+
+
+def test_an_existing_run_is_not_replaced_by_accident(tmp_path):
+    cfg = sinusoid_config(tmp_path, iterations=2)
+    train(cfg, progress=False)
+    latest = paths(cfg.checkpoint)["latest"]
+    before = latest.read_bytes()
+    with pytest.raises(UsageError, match="already holds a run; add --resume to continue it"):
+        train(cfg, progress=False)
+    assert latest.read_bytes() == before  # nothing ran, nothing was truncated
+    assert len(paths(cfg.checkpoint)["metrics"].read_text().splitlines()) >= 1
+    train(dataclasses.replace(cfg, iterations=1), progress=False, overwrite=True)
+    assert torch.load(latest, weights_only=True)["iteration"] == 1
+    folder = dataclasses.replace(cfg, checkpoint=str(tmp_path))
+    with pytest.raises(UsageError, match="is a folder; give a file name"):
+        train(folder, progress=False)
+    weights_only = {k: v for k, v in torch.load(latest, weights_only=True).items()
+                    if k not in ("optimizer", "rng")}
+    torch.save(weights_only, latest)
+    with pytest.raises(UsageError, match=r"not a resumable run \(no optimizer, rng\)"):
+        train(cfg, resume=True, progress=False)
 
 
 def test_atomic_save_leaves_the_old_file_on_failure(tmp_path):
