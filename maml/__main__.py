@@ -351,12 +351,12 @@ class CLI:
 
         Args:
             checkpoint: the run whose <checkpoint>.metrics.jsonl to draw; several, comma-separated.
-            out: the PNG to write (default: <checkpoint>.curves.png beside the first run).
+            out: the .png (or .pdf, .svg) to write (default: <checkpoint>.curves.png beside it).
         """
         from maml.curves import plot_curves
         from maml.train import paths
 
-        runs = [Path(c) for c in checkpoint.split(",") if c.strip()]
+        runs = [Path(c.strip()) for c in checkpoint.split(",") if c.strip()]
         if not runs:
             raise UsageError("--checkpoint names no run; give one, or several comma-separated")
         for run in runs:
@@ -369,8 +369,14 @@ class CLI:
         if depth is None:
             raise UsageError(f"--checkpoint names the same run twice: {checkpoint}")
         labels = ["/".join(r.with_suffix("").parts[-depth:]) for r in runs]
+        for run in runs:
+            if not paths(run)["metrics"].read_text().strip():
+                raise UsageError(f"{paths(run)['metrics']} has no metric lines yet; plot after "
+                                 "the first --log-every iterations")
         first = paths(runs[0])["metrics"]
         target = out or str(first.with_name(first.name.replace(".metrics.jsonl", ".curves.png")))
+        if Path(target).suffix.lower() not in (".png", ".pdf", ".svg"):
+            raise UsageError(f"--out {target}: give a .png, .pdf or .svg file name")
         title = runs[0].name if len(runs) == 1 else f"{len(runs)} runs"
         print(plot_curves({label: paths(r)["metrics"] for label, r in zip(labels, runs)}, target,
                           title=title))

@@ -139,11 +139,14 @@ def autograd_grad(create_graph: bool) -> GradFn:
 
 
 def check_adaptable(model: nn.Module) -> None:
-    """Refuse a model with frozen parameters, naming them: MAML adapts every parameter.
+    """Refuse a model without parameters, or with frozen ones (named): MAML adapts every one.
 
     A frozen parameter has no single right meaning here (adapted but not meta-learned? neither?),
     and the engines would disagree about it; a buffer is PyTorch's way to say "a fixed tensor".
     """
+    if not any(True for _ in model.parameters()):
+        raise ValueError("the model has no parameters: MAML adapts and meta-learns parameters, "
+                         "so give it at least one (nn.Parameter, or a layer that has weights)")
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     if frozen:
         shown = ", ".join(frozen[:3]) + (f" and {len(frozen) - 3} more" if len(frozen) > 3 else "")

@@ -135,6 +135,8 @@ def build_model(
         model = factory(**kwargs)
     except TypeError as exc:
         raise UsageError(f"model {spec!r} rejected its arguments {kwargs}: {exc}") from None
+    except Exception as exc:  # the user's factory failed: name it and its error, no traceback
+        raise UsageError(f"model factory {spec!r} raised {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise UsageError(f"model factory {spec!r} returned {type(model).__name__}, not nn.Module")
     try:
@@ -162,6 +164,9 @@ def check_outputs(spec: str, outputs: Any, batch: int, expected: tuple[int, ...]
             f"model {spec!r} returns a {type(outputs).__name__}, not one tensor: the loss needs "
             "the predictions (or logits) alone, so return only those from forward"
         )
+    if not outputs.is_floating_point():
+        raise UsageError(f"model {spec!r} returns {outputs.dtype} outputs; the loss needs "
+                         "floating-point predictions (or logits) to differentiate")
     if outputs.ndim == 0 or outputs.shape[0] != batch or tuple(outputs.shape[1:]) != expected:
         want = (f"{expected[0]} logits, one per class" if len(expected) == 1 and expected[0] > 1
                 else "one value per target")

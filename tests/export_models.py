@@ -74,3 +74,27 @@ class _WithAux(nn.Module):
 def tuple_output_mlp() -> nn.Module:
     """A model whose forward returns a tuple, as many research models do."""
     return _WithAux()
+
+
+def failing_factory() -> nn.Module:
+    """A factory that fails, as one with a missing weights file or a bad config does."""
+    raise RuntimeError("weights file not found")
+
+
+def parameterless() -> nn.Module:
+    """A model with nothing to learn."""
+    return nn.Sequential(nn.ReLU())
+
+
+class _Rounded(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(1, 1)
+
+    def forward(self, x):
+        return self.head(x).round().long()  # integer predictions: nothing to differentiate
+
+
+def integer_output() -> nn.Module:
+    """A regression model that returns int64 predictions."""
+    return _Rounded()

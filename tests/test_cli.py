@@ -148,6 +148,10 @@ def test_bad_training_input_is_one_clear_line(tmp_path, capsys):
         capsys, "train", "--model-kwargs", '{"out_features": 3}', *ck)
     frozen = "tests.export_models:frozen_first_layer_mlp"
     assert "frozen parameters (0.weight, 0.bias)" in bad(capsys, "train", "--model", frozen, *ck)
+    for factory, message in (("failing_factory", "raised RuntimeError: weights file not found"),
+                             ("parameterless", "the model has no parameters"),
+                             ("integer_output", "returns torch.int64 outputs")):
+        assert message in bad(capsys, "train", "--model", f"tests.export_models:{factory}", *ck)
     omni = ["train", "--dataset", "omniglot", *ck]
     assert "only 20 drawings" in bad(capsys, *omni, "--k-shot", "10", "--q-query", "15")
     assert "exceeds the 423 classes" in bad(capsys, *omni, "--n-way", "424", "--val-chars", "0")
@@ -224,6 +228,11 @@ def test_plot_draws_the_learning_curves(tmp_path, capsys, sinusoid_ckpt):
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert "no metrics file" in bad(capsys, "plot", "--checkpoint", str(tmp_path / "none.pt"))
+    assert "give a .png, .pdf or .svg file name" in bad(
+        capsys, "plot", "--checkpoint", str(sinusoid_ckpt), "--out", str(tmp_path / "c.txt"))
+    (tmp_path / "empty.metrics.jsonl").write_text("")
+    assert "has no metric lines yet" in bad(capsys, "plot", "--checkpoint",
+                                            str(tmp_path / "empty.pt"))
 
 
 def test_ctrl_c_stops_a_real_run_with_a_checkpoint_and_one_line(tmp_path):

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from maml.errors import UsageError
 from maml.images import box_resize, box_resize_matrix
@@ -86,6 +87,17 @@ def test_folder_layout_archive_matches_npz(tmp_path):
     (tmp_path / "omniglot-py" / "images_evaluation").mkdir()
     with pytest.raises(UsageError, match="lack 1487 characters"):
         load_raw(tmp_path)
+    # a missing drawing or a damaged file is named, never read as blank paper
+    drawings = sorted((tmp_path / "omniglot-py").glob("*/*/character*/*.png"))
+    drawings[1].unlink()
+    with pytest.raises(UsageError, match=f"lacks drawings {drawings[1].name}"):
+        read_image_folder(tmp_path / "omniglot-py" / "images_background")
+    drawings[2].write_bytes(b"not a png")
+    with pytest.raises(UsageError, match=f"{drawings[2].name} is not a readable image"):
+        read_image_folder(tmp_path / "omniglot-py" / "images_background")
+    Image.new("1", (28, 28)).save(drawings[2])
+    with pytest.raises(UsageError, match=f"{drawings[2].name} is 28x28"):
+        read_image_folder(tmp_path / "omniglot-py" / "images_background")
 
 
 def test_missing_data_is_a_clear_error(tmp_path):

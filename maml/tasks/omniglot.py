@@ -31,24 +31,44 @@ from maml.errors import UsageError
 from maml.images import ink_from_omniglot, ink_image
 from maml.tasks import TaskBatch
 
-N_BACKGROUND, N_EVALUATION, DRAWINGS = 964, 659, 20
+N_BACKGROUND, N_EVALUATION, DRAWINGS, SIDE = 964, 659, 20, 105
 N_CHARACTERS = N_BACKGROUND + N_EVALUATION
 SPLITS = ("maml", "background")
 _FILE = re.compile(r"(\d{4})_(\d{2})\.png$")
 
 
 def read_image_folder(folder: Path) -> dict[int, np.ndarray]:
-    """Read an upstream-layout folder into `{character file id: (20, 105, 105) bool}`."""
-    from PIL import Image  # torchvision brings Pillow; only folder users pay the import
+    """Read an upstream-layout folder into `{character file id: (20, 105, 105) bool}`.
+
+    Every character must have all 20 drawings at 105 x 105: a missing or damaged file is a
+    one-line error naming it, never a blank drawing in the tasks."""
+    from PIL import Image, UnidentifiedImageError  # only folder users pay the import
 
     found: dict[int, np.ndarray] = {}
+    seen: dict[int, set[int]] = {}
     for png in sorted(folder.glob("*/character*/*.png")):
         match = _FILE.search(png.name)
         if match is None:
             continue
         char, drawing = int(match[1]), int(match[2])
-        pixels = np.asarray(Image.open(png).convert("1"), dtype=bool)
-        found.setdefault(char, np.ones((DRAWINGS, *pixels.shape), dtype=bool))[drawing - 1] = pixels
+        try:
+            pixels = np.asarray(Image.open(png).convert("1"), dtype=bool)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise UsageError(f"{png} is not a readable image ({exc}); re-extract the Omniglot "
+                             "archives or pass --download") from None
+        if pixels.shape != (SIDE, SIDE) or not 1 <= drawing <= DRAWINGS:
+            raise UsageError(f"{png} is {pixels.shape[1]}x{pixels.shape[0]} (or numbered past "
+                             f"{DRAWINGS}); Omniglot drawings are {SIDE}x{SIDE}, 20 per "
+                             "character: re-extract the archives")
+        found.setdefault(char, np.ones((DRAWINGS, SIDE, SIDE), dtype=bool))[drawing - 1] = pixels
+        seen.setdefault(char, set()).add(drawing)
+    for char, drawings in seen.items():
+        if len(drawings) != DRAWINGS:
+            absent = sorted(set(range(1, DRAWINGS + 1)) - drawings)
+            raise UsageError(f"character {char:04d} under {folder} lacks drawings "
+                             f"{', '.join(f'{char:04d}_{d:02d}.png' for d in absent[:3])}"
+                             f"{' ...' if len(absent) > 3 else ''}; re-extract the archives or "
+                             "pass --download")
     return found
 
 
