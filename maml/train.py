@@ -192,6 +192,9 @@ def train(
         gen.set_state(state["rng"]["tasks"])
         torch.set_rng_state(state["rng"]["torch"])
         start, metrics = state["iteration"], state["metrics"]
+        if cfg.iterations < start:
+            raise UsageError(f"--iterations {cfg.iterations} is fewer than the {start} the run "
+                             f"at {where['latest']} has done; give more to continue it")
     inner = cfg.inner_loop()
     main = ranks.is_main
     if main:

@@ -55,10 +55,14 @@ def main() -> int:
     args = p.parse_args()
     folder = Path(args.adapter)
     info = json.loads((folder / "adapter.json").read_text())
-    if info["task"] != "regression" or info["input"]["shape"] != [1]:
-        print(f"error: {folder} is not a sinusoid adapter", file=sys.stderr)
+    if info.get("data", {}).get("name") != "sinusoid":
+        print(f"error: {folder} is a {info.get('data', {}).get('name', 'non-sinusoid')} adapter; "
+              "this script draws sinusoid tasks (use serve.load for others)", file=sys.stderr)
         return 2
-    shots = args.shots or info["data"]["k_shot"]
+    shots = info["data"]["k_shot"] if args.shots is None else args.shots
+    if shots < 1 or args.queries < 1:
+        print("error: --shots and --queries must be >= 1", file=sys.stderr)
+        return 2
     sx, sy, qx, qy, amplitude, phase = sinusoid_task(np.random.default_rng(args.seed), shots,
                                                      args.queries)
     sig = Signature.from_metadata(info)  # the checks every runtime makes (serve.validation)
@@ -78,16 +82,21 @@ def main() -> int:
     print(f"query MSE before adaptation {np.mean((before - qy) ** 2):.4f}, "
           f"after {np.mean((after - qy) ** 2):.4f}")
     if args.compare:
-        data = folder.parent / f".{folder.name}.task.npz"
+        data = folder.resolve().parent / f".{folder.name}.task.npz"  # the child runs elsewhere
         np.savez(data, sx=sx, sy=sy, qx=qx, qy=qy)
         try:
             done = subprocess.run(
-                [sys.executable, "-c", REFERENCE, args.compare, str(data), str(info["steps"]),
+                [sys.executable, "-c", REFERENCE, str(Path(args.compare).resolve()), str(data),
+                 str(info["steps"]),
                  info.get("step_sizes_source", "constant")],
-                capture_output=True, text=True, check=True,
-                cwd=Path(__file__).resolve().parents[1])
+                capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
         finally:
             data.unlink(missing_ok=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"error: --compare {args.compare}: the PyTorch inner loop failed ({last}); "
+                  "give the checkpoint this adapter was exported from", file=sys.stderr)
+            return 2
         reference = np.asarray(json.loads(done.stdout.strip().splitlines()[-1]), np.float32)
         print(f"max |difference| to the PyTorch inner loop: {np.abs(after - reference).max():.2e}")
     return 0

@@ -81,7 +81,7 @@ def grayscale_pixels(data: bytes, index: int = 0) -> np.ndarray:
     except UsageError:
         raise
     except Exception as exc:  # Pillow raises many types (SyntaxError, EOFError, ...) on bad data
-        reason = str(exc) or type(exc).__name__
+        reason = (str(exc) or type(exc).__name__).split(" <_io.")[0]  # not the buffer's repr
         raise UsageError(f"image {index} is not a readable PNG or JPEG ({reason})") from None
     h, w = gray.shape
     side = max(h, w)

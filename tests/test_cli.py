@@ -54,6 +54,8 @@ def test_resume_flag_continues_from_the_checkpoint(tmp_path, capsys):
     assert main(["train", "--iterations", "2", *common]) == 0
     assert main(["train", "--iterations", "4", "--resume", *common]) == 0
     assert torch.load(ckpt, weights_only=True)["iteration"] == 4
+    assert "--iterations 3 is fewer than the 4 the run" in bad(
+        capsys, "train", "--iterations", "3", "--resume", *common)
 
 
 def test_resume_takes_a_new_schedule_and_refuses_a_new_setting(tmp_path, capsys):

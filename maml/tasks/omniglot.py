@@ -86,7 +86,12 @@ def load_raw(data_root: str | Path, download: bool = False) -> tuple[np.ndarray,
         from torchvision.datasets import Omniglot
 
         for background in (True, False):
-            Omniglot(str(root), background=background, download=True)
+            try:
+                Omniglot(str(root), background=background, download=True)
+            except (OSError, RuntimeError) as exc:  # urllib's URLError is an OSError
+                raise UsageError(f"cannot download Omniglot into {root} ({exc}); without "
+                                 "internet, put the images_background/ and images_evaluation/ "
+                                 "folders (or the npz files) there yourself") from None
     npz = [root / "images_background.npz", root / "images_evaluation.npz"]
     if all(p.is_file() for p in npz):
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -190,3 +191,21 @@ def test_serve_runs_without_torch(omniglot, tmp_path):
     assert result.returncode == 0, result.stderr
     diff, modules = result.stdout.strip().splitlines()
     assert float(diff) < 1e-4 and modules == "[]"
+
+
+def test_adapt_onnx_script_matches_the_inner_loop_from_any_folder(sine):
+    """scripts/adapt_onnx.py, the README main job's last step, with paths relative to a folder
+    other than the project's (its PyTorch comparison runs in the project folder)."""
+    script = ROOT / "scripts" / "adapt_onnx.py"
+    here = sine.directory.parent
+    rel_adapter = sine.directory.name
+    rel_ckpt = os.path.relpath(sine.checkpoint, here)
+    done = subprocess.run([sys.executable, str(script), rel_adapter, "--shots", "5", "--compare",
+                           rel_ckpt], cwd=here, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "torch not imported" in done.stdout
+    diff = float(done.stdout.split("max |difference| to the PyTorch inner loop: ")[1].split()[0])
+    assert diff < 1e-4
+    bad = subprocess.run([sys.executable, str(script), rel_adapter, "--shots", "0"], cwd=here,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --shots and --queries must be >= 1"
