@@ -72,9 +72,14 @@ def check_options(argv: list[str]) -> frozenset[str]:
     run: fire passes every default too), after refusing an unknown or ambiguous one before
     anything runs. Fire would run the command first and only then complain about the option it
     could not use, so a typo would start (and overwrite) a whole training run."""
+    commands = [name for name in vars(CLI) if not name.startswith("_")]
+    if argv and not argv[0].startswith("-") and argv[0] not in commands:
+        close = difflib.get_close_matches(argv[0], commands, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UsageError(f"unknown command {argv[0]!r}; {hint}(commands: {', '.join(commands)})")
     command = getattr(CLI, argv[0], None) if argv else None
-    if command is None or argv[0].startswith("_"):
-        return frozenset()  # fire names an unknown command itself
+    if command is None:
+        return frozenset()  # `python -m maml --help` and the like: fire's own
     known = [p for p in inspect.signature(command).parameters if p != "self"]
     is_flag = re.compile(r"^(--|-[a-zA-Z])").match
     given, rest, value_next = set(), argv[1:], False

@@ -157,6 +157,9 @@ def parse_json(data: bytes, fields: tuple[str, ...]) -> dict[str, Any]:
 
 def decode_images(value: Any, name: str) -> Any:
     """A list of base64 strings (or data URLs) becomes a list of bytes; other values pass."""
+    if isinstance(value, list) and any(isinstance(v, str) for v in value) and not all(
+            isinstance(v, str) for v in value):
+        raise UsageError(f"{name} mixes base64 images and arrays; send one kind per field")
     if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
         return value
     out = []

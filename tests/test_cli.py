@@ -97,6 +97,7 @@ def test_resume_compares_only_the_options_typed(tmp_path, capsys):
 def test_a_short_flag_names_one_option_or_is_refused(capsys):
     assert "-q is ambiguous for `train` (--q-query, --quiet)" in bad(capsys, "train", "-q", "5")
     assert "`train` has no option -z" in bad(capsys, "train", "-z", "5")
+    assert "unknown command 'trian'; did you mean train?" in bad(capsys, "trian")
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="Omniglot copy not found")

@@ -118,6 +118,9 @@ def test_checkpoint_contents_and_best_copy(tmp_path):
     best = torch.load(where["best"], weights_only=True)
     assert best["iteration"] in (10, 20) and best["metrics"]["best_val"] is not None
     assert not list(tmp_path.glob("*.tmp")), "temporary files must not be left behind"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert where["latest"].stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def test_non_finite_meta_loss_stops_before_writing_nan_weights(tmp_path):

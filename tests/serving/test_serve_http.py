@@ -132,6 +132,8 @@ def test_bad_requests_get_4xx_with_a_json_error(image_service, omniglot):
         (json.dumps({**task, "query_x": ["bm90IGFuIGltYWdl"]}).encode(), 422,
          "not a readable PNG or JPEG"),
         (json.dumps({**task, "query_x": ["%%% not base64"]}).encode(), 422, "not base64"),
+        (json.dumps({**task, "query_x": ["bm90IGFuIGltYWdl", *qx[1:]]}).encode(), 422,
+         "query_x mixes base64 images and arrays"),
         (json.dumps({**task, "query_x": ["/etc/passwd"]}).encode(), 422, "not"),
     ]
     for body, status, message in cases:
