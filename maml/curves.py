@@ -25,7 +25,7 @@ def plot_curves(runs: dict[str, str | Path], out: str | Path, title: str = "") -
 
     fig, (by_iter, by_time) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     loss_axis = by_iter.twinx()
-    metric_name = "validation metric"
+    metric_name = "metric"
     for label, path in runs.items():
         records = read_metrics(path)
         val = [r for r in records if any(k.startswith("val_") for k in r)]

@@ -102,7 +102,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
     ckpt = folder / "model.pt"
     settings = dict(bench["train"], checkpoint=str(ckpt), device=args.device, engine=args.engine,
                     data_root=args.data_root, val_every=args.val_every, log_every=args.log_every,
-                    seed=args.seed)
+                    seed=0 if args.seed is None else args.seed)
     if args.iterations is not None:
         settings["iterations"] = args.iterations
     cfg = Config(**settings)
@@ -110,8 +110,10 @@ def run(name: str, args: argparse.Namespace) -> dict:
     print(f"== {name}: {'resuming' if resume else 'starting'} on {machine()} ==")
     t0 = time.perf_counter()
     try:
+        # a resumed run compares the seed only when it was typed (the others may change)
+        given = [k for k in settings if k != "seed" or args.seed is not None]
         trained = train(cfg, resume=resume, progress=not args.quiet, max_minutes=args.minutes,
-                        given=settings)
+                        given=given)
     except Stopped as exc:  # Ctrl-C: no evaluation of a run cut short; running again resumes it
         raise Stopped(f"{exc}; run the same command again to continue", exc.signum) from None
     wall = time.perf_counter() - t0
@@ -132,6 +134,9 @@ def run(name: str, args: argparse.Namespace) -> dict:
     # model selection on the validation tasks (never the meta-test tasks evaluated below)
     best = paths(ckpt)["best"]
     chosen = best if args.weights == "best" and best.is_file() else ckpt
+    if args.weights == "best" and chosen == ckpt:
+        print(f"  warning: --weights best, but no validation has run yet ({best} is missing); "
+              "evaluating the final weights", file=sys.stderr)
     if chosen != ckpt:
         state = checkpoint.load(chosen, args.device)
     result["weights"] = {"chosen": "best" if chosen == best else "final",
@@ -212,7 +217,9 @@ def table(out: Path) -> str:
             if weights["chosen"] == "best":
                 its += f", best at {weights['iteration']}"
             secs = r.get("training_seconds") or 0
-            lines.append(f"| {name} | {label} | {shown} | {row['mean']:.2f} +- {row['ci95']:.2f} | "
+            n = row["tasks"]
+            tasks = "" if n == 600 else f" ({n} tasks, not the protocol's 600)"
+            lines.append(f"| {name} | {label} | {shown} | {row['mean']:.2f} +- {row['ci95']:.2f}{tasks} | "
                          f"{onnx} | {its} | {secs / 60:.1f} min | {r['engine']} | {r['machine']} |")
     return "\n".join(lines)
 
@@ -252,7 +259,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--val-every", type=int, default=500,
                    help="iterations between validations (the learning curve's points)")
     p.add_argument("--log-every", type=int, default=50, help="iterations between metric lines")
-    p.add_argument("--seed", type=int, default=0, help="seeds the weights, split and tasks")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seeds the weights, split and tasks (default 0)")
     p.add_argument("--skip-onnx", action="store_true",
                    help="do not export and evaluate the ONNX adapter")
     p.add_argument("--weights", choices=["final", "best"], default="final",
@@ -268,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     if args.table:
+        if not Path(args.out).is_dir():
+            p.error(f"--out {args.out} is not a folder of results; give the --out of the runs")
         print(table(Path(args.out)))
         figure = plot_variants(Path(args.out))
         if figure is not None:

@@ -58,17 +58,19 @@ def test_table_lists_each_machines_run_of_a_benchmark(tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     import reproduce
 
-    for folder, machine, mean in ((tmp_path, "CPU (x86_64, 2 cores)", 97.74),
-                                  (tmp_path / "h100", "NVIDIA H100 80GB HBM3", 98.09)):
+    for folder, machine, mean, tasks in ((tmp_path, "CPU (x86_64, 2 cores)", 97.74, 600),
+                                         (tmp_path / "h100", "NVIDIA H100 80GB HBM3", 98.09, 50)):
         (folder / "omniglot-5w1s").mkdir(parents=True)
-        result = {"evaluations": [{"k_shot": 1, "steps": 3, "mean": mean, "ci95": 0.2}],
+        result = {"evaluations": [{"k_shot": 1, "steps": 3, "mean": mean, "ci95": 0.2,
+                                   "tasks": tasks}],
                   "iterations": 10, "target_iterations": 60000, "complete": False,
                   "training_seconds": 60.0, "engine": "batched", "machine": machine}
         (folder / "omniglot-5w1s" / "result.json").write_text(json.dumps(result))
     rows = [line for line in reproduce.table(tmp_path).splitlines() if "omniglot-5w1s |" in line]
     assert len(rows) == 2
     assert "97.74 +- 0.20" in rows[0] and rows[0].endswith("| CPU (x86_64, 2 cores) |")
-    assert "98.09 +- 0.20" in rows[1] and rows[1].endswith("| NVIDIA H100 80GB HBM3 |")
+    assert "98.09 +- 0.20 (50 tasks, not the protocol's 600) |" in rows[1]  # never passed off
+    assert rows[1].endswith("| NVIDIA H100 80GB HBM3 |") and "tasks" not in rows[0]
     assert "10/60000 (partial)" in rows[1]
     assert "| omniglot-5w5s | 5-shot, 3 steps | 99.9 +- 0.1 | not run yet |" in reproduce.table(tmp_path)
 
@@ -87,3 +89,17 @@ def test_bad_settings_are_refused_before_anything_runs(tmp_path, capsys, flags, 
         reproduce.main(["sinusoid", "--out", str(tmp_path), *flags])
     assert stop.value.code == 2 and message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_run_started_with_a_seed_continues_without_retyping_it(tmp_path):
+    """The script's own defaults are not options the user typed: continuing a --seed 3 run
+    with the command minus --seed must not be refused as a change of seed."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import reproduce
+
+    common = ["sinusoid", "--out", str(tmp_path), "--tasks", "3", "--skip-onnx", "--quiet",
+              "--val-every", "1"]
+    assert reproduce.main([*common, "--iterations", "2", "--seed", "3"]) == 0
+    assert reproduce.main([*common, "--iterations", "3"]) == 0
+    result = json.loads((tmp_path / "sinusoid" / "result.json").read_text())
+    assert result["iterations"] == 3 and result["settings"]["seed"] == 3
