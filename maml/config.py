@@ -84,6 +84,9 @@ class Config:
                 meta_batch_size=16 if twenty else 32, iterations=60000, model="cnn",
             )
         else:  # sinusoid and harmonic: the paper's regression set-up
+            if self.n_way is not None:
+                raise UsageError(f"--n-way is for Omniglot; {self.dataset} tasks have no classes "
+                                 "(--k-shot sets the support points)")
             defaults = dict(
                 n_way=None, k_shot=10, q_query=10, inner_steps=1, inner_lr=0.01,
                 eval_inner_steps=10, meta_batch_size=25, iterations=70000, model="mlp",

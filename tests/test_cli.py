@@ -140,6 +140,7 @@ def bad(capsys, *args: str) -> str:
 def test_bad_training_input_is_one_clear_line(tmp_path, capsys):
     ck = ["--checkpoint", str(tmp_path / "x.pt"), "--iterations", "1", "--quiet"]
     assert "unknown dataset 'mnist'" in bad(capsys, "train", "--dataset", "mnist", *ck)
+    assert "--n-way is for Omniglot" in bad(capsys, "train", "--n-way", "5", *ck)
     assert "neither a built-in" in bad(capsys, "train", "--model", "resnet", *ck)
     assert "cannot import 'no_such_pkg.mod'" in bad(capsys, "train", "--model", "no_such_pkg.mod:f", *ck)
     assert "has no callable 'nope'" in bad(capsys, "train", "--model", "maml.models:nope", *ck)

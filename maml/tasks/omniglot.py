@@ -158,6 +158,7 @@ def check_task_shape(splits: dict[str, torch.Tensor], n_way: int, k_shot: int, q
         if chars.numel() and n_way > classes:
             raise UsageError(
                 f"--n-way {n_way} exceeds the {classes} classes of the {name} split; lower --n-way"
+                + (" or raise --val-chars" if name == "val" else "")
             )
 
 
