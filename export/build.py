@@ -136,7 +136,8 @@ def export_checkpoint(
                           for e in verification["ill_conditioned"]))
             if not verification["passed"]:
                 raise VerificationFailed(
-                    f"verification failed: max |difference| {diffs} (tolerance {TOLERANCE:g}, "
+                    f"verification failed: max |difference| {diffs} (tolerance {TOLERANCE:g} x the "
+                    f"task's largest |output| if over 1, "
                     f"or twice the task's float32 noise on an ill-conditioned task; "
                     f"argmax equal: {verification['argmax_equal']}); nothing was written")
         info = manifest(info, chosen, folder, verification)

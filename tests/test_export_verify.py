@@ -112,3 +112,27 @@ def test_a_prediction_the_inner_loop_never_makes_fails(setup, monkeypatch):
     assert not result["passed"] and result["argmax_equal"] == {"onnx": False}
     wrong = REF + np.array([[0, 0, 0], [0, 0, 3.0]], dtype=np.float32)  # far beyond the bound
     assert not classify(monkeypatch, setup, wrong, np.array([[0, 2]] * 3), 1e-5)["passed"]
+
+
+def test_the_bound_is_relative_for_outputs_beyond_one(setup, monkeypatch):
+    """float32 rounding is relative: 20-way logits near 10 differ by 1.5e-4 between onnxruntime
+    and PyTorch on a well-conditioned task, so the bound is TOLERANCE x the largest |output|."""
+    exp, inner, tasks = setup
+    plain = verify_module.reference
+    monkeypatch.setattr(verify_module, "reference", lambda *a: 50 * plain(*a))  # logits-sized
+    largest = max(float(np.abs(verify_module.reference(exp, None, inner, t)).max()) for t in tasks)
+    assert largest > 2
+    quiet = Noise(float32_error=0.0, perturbation_spread=0.0, predictions=None)
+
+    def offset_by(offset):
+        def run(sx, sy, qx):
+            task = next(t for t in tasks if np.array_equal(t.support_x[0].numpy(), sx))
+            out = verify_module.reference(exp, None, inner, task) + offset
+            return [out, out]
+        monkeypatch.setattr(verify_module, "runners", lambda folder, files: {"onnx": run})
+        monkeypatch.setattr(verify_module, "task_noise", lambda *args: quiet)
+        return verify(exp, None, inner, folder=None, files={}, tasks=tasks)
+
+    smallest = min(float(np.abs(verify_module.reference(exp, None, inner, t)).max()) for t in tasks)
+    assert offset_by(0.9 * TOLERANCE * max(1.0, smallest))["passed"]
+    assert not offset_by(1.1 * TOLERANCE * largest)["passed"]
