@@ -13,6 +13,7 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from maml.checkpoint import umask
 from maml.errors import UsageError
 
 MARKER = "adapter.json"
@@ -46,9 +47,7 @@ def staging(out: Path, owned: Collection[str] = ()) -> Iterator[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the adapter from its users
+        tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would hide the adapter from its users
     except OSError as exc:
         raise UsageError(f"cannot write to {out.parent}: {exc.strerror or exc}; "
                          "choose a writable --out") from None

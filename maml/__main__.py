@@ -368,16 +368,15 @@ class CLI:
             if not paths(run)["metrics"].is_file():
                 raise UsageError(f"no metrics file {paths(run)['metrics']}; train with "
                                  f"--checkpoint {run} first")
+            if not paths(run)["metrics"].read_text().strip():
+                raise UsageError(f"{paths(run)['metrics']} has no metric lines yet; plot after "
+                                 "the first --log-every iterations")
         # label each run by its file name, with as many parent folders as tell them apart
         depth = next((d for d in range(1, max(len(r.parts) for r in runs) + 1)
                       if len({r.with_suffix("").parts[-d:] for r in runs}) == len(runs)), None)
         if depth is None:
             raise UsageError(f"--checkpoint names the same run twice: {checkpoint}")
         labels = ["/".join(r.with_suffix("").parts[-depth:]) for r in runs]
-        for run in runs:
-            if not paths(run)["metrics"].read_text().strip():
-                raise UsageError(f"{paths(run)['metrics']} has no metric lines yet; plot after "
-                                 "the first --log-every iterations")
         first = paths(runs[0])["metrics"]
         target = out or str(first.with_name(first.name.replace(".metrics.jsonl", ".curves.png")))
         if Path(target).suffix.lower() not in (".png", ".pdf", ".svg"):

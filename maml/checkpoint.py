@@ -32,15 +32,20 @@ FORMAT = "maml-toolkit/checkpoint-v1"
 REQUIRED = ("config", "model", "inner_lrs", "iteration")
 
 
+def umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save(path: str | Path, state: dict[str, Any]) -> None:
     """Write `state` to `path` atomically: a temporary file in the same folder, then a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        os.chmod(tmp, 0o666 & ~umask)  # as open() would create it, not mkstemp's private 0600
+        os.chmod(tmp, 0o666 & ~umask())  # as open() would create it, not mkstemp's private 0600
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, **state}, f)
             f.flush()

@@ -172,6 +172,10 @@ def train(
         requested = dataclasses.replace(cfg, checkpoint=str(where["latest"]))
         settings = resumed(Config.from_dict(state["config"]), requested, given,
                            str(where["latest"]))
+        if settings.iterations < state["iteration"]:
+            raise UsageError(f"--iterations {settings.iterations} is fewer than the "
+                             f"{state['iteration']} the run at {where['latest']} has done; give "
+                             "more to continue it")
         exp = restore({**state, "config": settings.to_dict()}, str(where["latest"]), cfg.device)
         cfg = exp.cfg
     else:
@@ -192,9 +196,6 @@ def train(
         gen.set_state(state["rng"]["tasks"])
         torch.set_rng_state(state["rng"]["torch"])
         start, metrics = state["iteration"], state["metrics"]
-        if cfg.iterations < start:
-            raise UsageError(f"--iterations {cfg.iterations} is fewer than the {start} the run "
-                             f"at {where['latest']} has done; give more to continue it")
     inner = cfg.inner_loop()
     main = ranks.is_main
     if main:

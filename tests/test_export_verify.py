@@ -134,5 +134,6 @@ def test_the_bound_is_relative_for_outputs_beyond_one(setup, monkeypatch):
         return verify(exp, None, inner, folder=None, files={}, tasks=tasks)
 
     smallest = min(float(np.abs(verify_module.reference(exp, None, inner, t)).max()) for t in tasks)
+    assert smallest > 2  # so 0.9 x the relative bound is beyond the old absolute 1e-4
     assert offset_by(0.9 * TOLERANCE * max(1.0, smallest))["passed"]
     assert not offset_by(1.1 * TOLERANCE * largest)["passed"]
