@@ -343,9 +343,12 @@ class CLI:
         if json:  # standard output holds the JSON alone, for `| jq` and other programs
             print(json_lib.dumps(result))
             return
-        print(f"{cfg.dataset}: {result['metric']} after {steps} steps {result['mean']:.4f} "
-              f"+- {result['ci95']:.4f} (before adaptation {result['before']['mean']:.4f} "
-              f"+- {result['before']['ci95']:.4f}) over {tasks} {split} tasks")
+        def shown(r: dict) -> str:
+            return f"{r['mean']:.4f}" + ("" if r["ci95"] is None else f" +- {r['ci95']:.4f}")
+
+        spread = "" if tasks > 1 else " (one task: no confidence interval; use --tasks 2 or more)"
+        print(f"{cfg.dataset}: {result['metric']} after {steps} steps {shown(result)} "
+              f"(before adaptation {shown(result['before'])}) over {tasks} {split} tasks{spread}")
 
 
     @checked

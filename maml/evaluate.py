@@ -2,7 +2,8 @@
 
 The tasks come from a generator with a fixed seed, so every model evaluated with the same seed
 sees the same tasks (and the exported adapter can be checked on exactly those tasks).
-Reported: the mean over tasks and a 95% confidence interval, 1.96 * std / sqrt(tasks).
+Reported: the mean over tasks and a 95% confidence interval, 1.96 * std / sqrt(tasks); one task
+has no spread to estimate, so its interval is None (not 0, which would claim certainty).
 Under torchrun (`ranks`) every rank draws the same tasks and adapts its share of each batch; the
 per-task values are summed into one vector on every rank, so the result equals 1 process's.
 """
@@ -28,10 +29,11 @@ def task_metric(kind: str, outputs: Tensor, targets: Tensor) -> Tensor:
     return torch.stack([task_loss("mse", o, t) for o, t in zip(outputs, targets)]).double()
 
 
-def summary(values: Tensor) -> dict[str, float]:
+def summary(values: Tensor) -> dict[str, float | None]:
+    """Mean and 95% confidence interval of per-task values (None for a single task)."""
     n = values.numel()
-    std = values.std().item() if n > 1 else 0.0
-    return {"mean": values.mean().item(), "ci95": 1.96 * std / math.sqrt(n)}
+    ci95 = 1.96 * values.std().item() / math.sqrt(n) if n > 1 else None
+    return {"mean": values.mean().item(), "ci95": ci95}
 
 
 def eval_batches(source, tasks: int, generator: torch.Generator, split: str = "test",

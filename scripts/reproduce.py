@@ -287,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("name a benchmark, or pass --table")
     if args.minutes is not None and args.minutes <= 0:
         p.error(f"--minutes must be > 0, got {args.minutes}")
-    for name in ("iterations", "tasks", "val_every", "log_every"):
+    if args.tasks < 2:
+        p.error(f"--tasks must be >= 2 for a confidence interval, got {args.tasks}")
+    for name in ("iterations", "val_every", "log_every"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")

@@ -226,6 +226,20 @@ def test_exit_status_and_no_traceback_from_a_real_process(tmp_path):
     assert result.stderr.strip().startswith("error: ") and "Traceback" not in result.stderr
 
 
+def test_one_task_has_no_confidence_interval_rather_than_a_zero_one(capsys, sinusoid_ckpt):
+    """A single task has no spread to estimate: "+- 0.0000" would claim certainty."""
+    common = ["eval", "--checkpoint", str(sinusoid_ckpt), "--quiet"]
+    assert main([*common, "--tasks", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tasks"] == 1 and result["ci95"] is None and result["before"]["ci95"] is None
+    assert main([*common, "--tasks", "1"]) == 0
+    sentence = capsys.readouterr().out
+    assert "+-" not in sentence and "one task: no confidence interval" in sentence
+    assert main([*common, "--tasks", "2"]) == 0
+    two = capsys.readouterr().out
+    assert two.count("+-") == 2 and "no confidence interval" not in two
+
+
 def test_plot_draws_the_learning_curves(tmp_path, capsys, sinusoid_ckpt):
     out = tmp_path / "curves.png"
     assert main(["plot", "--checkpoint", str(sinusoid_ckpt), "--out", str(out)]) == 0

@@ -77,7 +77,7 @@ def test_table_lists_each_machines_run_of_a_benchmark(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--minutes", "-1"], "--minutes must be > 0"),
-    (["--tasks", "0"], "--tasks must be >= 1"),
+    (["--tasks", "1"], "--tasks must be >= 2 for a confidence interval"),
     (["--iterations", "0"], "--iterations must be >= 1"),
     (["--val-every", "0"], "--val-every must be >= 1"),
 ])
