@@ -26,7 +26,7 @@ from maml.adaptation import (
     Forward,
     Params,
     adapt,
-    dropout_off,
+    evaluation_mode,
     functional_forward,
     step_size_table,
 )
@@ -75,8 +75,8 @@ def routine(exp: Experiment, steps: int | None = None, lr: float | None = None) 
                             torch.float32)
     forward = functional_forward(model)
 
-    def deterministic(params: Params, x: Tensor) -> Tensor:  # as in evaluation: no dropout
-        with dropout_off(model):
+    def deterministic(params: Params, x: Tensor) -> Tensor:  # as in evaluation: `evaluation_mode`
+        with evaluation_mode(model):
             return forward(params, x)
 
     return Routine(deterministic, init, names, table.clone(), cfg.loss)

@@ -22,7 +22,7 @@ On a later 20-way checkpoint the float64 loop hardly moved with the images (9e-6
 1.8e-3 with the weights, as far as its onnxruntime adapter was from the reference (which was
 6e-6 from float64). A wrong export (a wrong step size, loss or batch-norm mode) differs on the
 well-conditioned tasks too, where the noise is ~1e-5. A noise bound only means something if the
-reference is a function of its inputs, so a forward that is still random with dropout off (it
+reference is a function of its inputs, so a forward that is still random in evaluation mode (it
 gives a task two different reference outputs) is refused instead.
 The tasks come from the run's test split with two support sizes (the run's shot count and
 another), which also checks that the files accept a varying number of examples.
@@ -212,8 +212,9 @@ def verify(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop, fold
         again = reference(exp, learned, inner, task)
         if np.abs(again - ref).max() > tolerance:
             raise UsageError(
-                "the model's forward is random even with dropout off (the same task gave outputs "
-                f"{float(np.abs(again - ref).max()):.2e} apart): an adapter must be a function of "
+                "the model's forward is random even in evaluation mode, with dropout off (the same "
+                f"task gave outputs {float(np.abs(again - ref).max()):.2e} apart): an adapter "
+                "must be a function of "
                 "its inputs, so remove the other random operations from the forward")
         noise = task_noise(exp, learned, inner, task, ref)
         if 2 * noise.scale > tolerance:

@@ -24,10 +24,12 @@ Conventions, documented here and nowhere else:
   shape. Adapting for more steps than the table has rows reuses its last row.
 - First order: the support gradients are treated as constants (no graph through them), which is
   first-order MAML; learned step sizes still receive their (first-order) gradient.
-- Dropout is active in meta-training (inner loop and query loss alike) and off wherever a task is
-  adapted to for use: evaluation, validation and the exported adapter, which must be
-  deterministic functions of their inputs (`dropout_off`). Batch norm keeps its batch statistics
-  there all the same.
+- Meta-training calls the model in training mode: dropout draws its masks (inner loop and query
+  loss alike). Wherever a task is adapted to for use (evaluation, validation and the exported
+  adapter, which must be deterministic functions of their inputs) every layer is in evaluation
+  mode except the norm layers (`evaluation_mode`): `nn.Dropout` is off, and so is a hand-written
+  `F.dropout(x, p, self.training)` or any other `self.training` branch, as after `model.eval()`.
+  Batch norm keeps its batch statistics there all the same.
 - Every parameter of the model is adapted and meta-learned. A parameter the forward does not use
   has a zero gradient, so it stays where it is. A frozen parameter (`requires_grad=False`) is
   refused by `check_adaptable`: fixed tensors belong in buffers.
@@ -171,21 +173,23 @@ def use_batch_statistics(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def dropout_off(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, `model`'s dropout layers are identities; the rest stays as it is.
+def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, `model` is as after `model.eval()`, except its norm layers.
 
-    Only the dropout layers switch to eval mode: `model.eval()` would also switch batch norm to
-    its (unused, stale) running statistics.
+    Dropout layers become identities and every `self.training` branch takes its evaluation path
+    (functional dropout written `F.dropout(x, p, self.training)` included). The batch- and
+    instance-norm layers stay in training mode: `model.eval()` would switch them to their unused,
+    stale running statistics instead of MAML's batch statistics.
     """
-    active = [m for m in model.modules()
-              if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
-    for layer in active:
-        layer.eval()
+    switched = [m for m in model.modules()
+                if m.training and not isinstance(m, nn.modules.batchnorm._NormBase)]
+    for module in switched:
+        module.training = False  # not .eval(): that would recurse into the norm layers
     try:
         yield model
     finally:
-        for layer in active:
-            layer.train()
+        for module in switched:
+            module.training = True
 
 
 def functional_forward(model: nn.Module) -> Forward:

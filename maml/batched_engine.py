@@ -33,7 +33,7 @@ from maml.adaptation import (
     InnerLoop,
     Params,
     adapt,
-    dropout_off,
+    evaluation_mode,
     functional_forward,
     step_size_table,
     task_loss,
@@ -325,7 +325,7 @@ class BatchedEngine:
     def adapt_predict(
         self, model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop
     ) -> Tensor:
-        """Adapt to every task of `batch` (no meta-graph, dropout off); return query outputs
+        """Adapt to every task of `batch` (no meta-graph, in `evaluation_mode`); return query outputs
         `(B, Q, ...)`."""
         params = tuple(p.detach() for p in model.parameters())
         lrs = None if learned_lrs is None else learned_lrs.detach()
@@ -338,7 +338,7 @@ class BatchedEngine:
         predict = self._predicts[key]
         chunk = self.task_chunk or self.chosen_chunk or len(batch)
         outputs = []
-        with torch.no_grad(), dropout_off(model):
+        with torch.no_grad(), evaluation_mode(model):
             for a, b in chunk_bounds(len(batch), chunk):
                 sx, sy, qx, _ = (t[a:b] for t in batch.tensors())
                 outputs.append(predict(params, table, sx, sy, qx))

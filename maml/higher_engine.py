@@ -10,7 +10,7 @@ memory holds one task's graph at a time.
 An engine offers two functions, with the same meaning in `maml.batched_engine`:
 - `meta_gradient(...)`: adds d(mean query loss)/d(meta-parameters) to their `.grad` and returns
   the batch's mean query loss (and accuracy) as tensors, without a host sync;
-- `adapt_predict(...)`: adapts to each task (no meta-graph, dropout off) and returns the query
+- `adapt_predict(...)`: adapts to each task (no meta-graph, in `evaluation_mode`) and returns the query
   outputs.
 """
 
@@ -28,7 +28,7 @@ from maml.adaptation import (
     adapt,
     autograd_grad,
     check_adaptable,
-    dropout_off,
+    evaluation_mode,
     step_size_table,
     task_loss,
     use_batch_statistics,
@@ -36,10 +36,10 @@ from maml.adaptation import (
 from maml.tasks import TaskBatch
 
 
-def _forward(model: nn.Module, dropout: bool = True):
+def _forward(model: nn.Module, for_use: bool = False):
     check_adaptable(model)
     use_batch_statistics(model)
-    with nullcontext() if dropout else dropout_off(model):  # `higher` copies the layers' modes
+    with evaluation_mode(model) if for_use else nullcontext():  # `higher` copies the modes
         fmodel = higher.monkeypatch(model, copy_initial_weights=False)
 
     def forward(params: Params, x: Tensor) -> Tensor:
@@ -88,7 +88,7 @@ def adapt_predict(
     table = step_size_table(
         inner.steps, len(params), inner.lr, lrs, params[0].dtype, params[0].device
     )
-    forward = _forward(model, dropout=False)
+    forward = _forward(model, for_use=True)
     outputs = []
     for i in range(len(batch)):
         sx, sy, qx, _ = (t[i] for t in batch.tensors())

@@ -158,14 +158,22 @@ def test_frozen_parameters_are_refused_by_name(engine):
         engine.meta_gradient(model, None, sine_batch(), InnerLoop("mse", 1, 0.05))
 
 
+class FunctionalDropout(nn.Module):
+    """Dropout as users also write it: off only through the module's own `self.training`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, 0.5, self.training)
+
+
 @pytest.mark.parametrize("engine", [higher_engine, batched_engine], ids=["higher", "batched"])
-def test_dropout_is_off_when_adapting_for_use_and_on_in_meta_training(engine):
+@pytest.mark.parametrize("dropout", [nn.Dropout, FunctionalDropout], ids=["layer", "functional"])
+def test_dropout_is_off_when_adapting_for_use_and_on_in_meta_training(engine, dropout):
     def net(dropout):
         torch.manual_seed(0)
         return use_batch_statistics(nn.Sequential(
             nn.Linear(1, 32), nn.ReLU(), dropout, nn.Linear(32, 1)).double())
 
-    with_dropout, without = net(nn.Dropout(0.5)), net(nn.Identity())
+    with_dropout, without = net(dropout()), net(nn.Identity())
     inner = InnerLoop("mse", 3, 0.05)
     expected = higher_engine.adapt_predict(without, None, sine_batch(), inner)
     torch.manual_seed(1)
