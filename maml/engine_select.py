@@ -3,9 +3,16 @@
 The batched engine cannot run every model: `vmap` refuses data-dependent Python control flow,
 `.item()`, in-place mutation of buffers and random operations, and an operation with a wrong
 batching rule would silently give a wrong meta-gradient. So before the first real step, a float64
-copy of the model takes the meta-gradient (or, for evaluation, the adapted predictions) of the
-first tasks with both engines, and the two must agree to 1e-8. A problem found is named: with
-`batched` it is a `UsageError`, with `auto` one warning line and the `higher` engine.
+copy of the model takes the meta-gradient (or, for evaluation, the adapted predictions after at
+least one step) of the first tasks with the batched engine and with the same loop run one task at
+a time through `torch.func.functional_call`, and the two must agree to 1e-8. A problem found is
+named: with `batched` it is a `UsageError`, with `auto` one warning line and the `higher` engine.
+
+The `higher` engine cannot run every model either: `higher` ignores fast weights that a layer
+reads from another layer (`higher_engine.routing_problem`). Such a model is refused by `higher`
+and trained by the batched engine under `auto`. A model neither engine can run, or one that fails
+in its first step for a reason of its own (say an operation without a second derivative), is a
+one-line `UsageError`.
 
 `auto` then picks the faster engine for the device: on CUDA the batched engine; on CPU, where
 `vmap` of conv nets is slower than the loop, the batched engine only for models without
@@ -16,15 +23,17 @@ engine and the same weights every time; a choice of the loop is printed once).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from maml import higher_engine
-from maml.adaptation import InnerLoop
+from maml.adaptation import InnerLoop, evaluation_mode
 from maml.batched_engine import BatchedEngine
 from maml.errors import UsageError
 from maml.tasks import TaskBatch
@@ -79,24 +88,52 @@ def _copy64(model: nn.Module, lrs: Tensor | None) -> tuple[nn.Module, Tensor | N
     return twin, twin_lrs
 
 
+def model_failure(exc: Exception, inner: InnerLoop, purpose: str) -> str:
+    """The one line for a model that fails in the inner loop itself, whatever the engine."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    what = "meta-trained" if purpose == "train" else "adapted to a task"
+    hint = ("; second-order MAML differentiates the inner loop's gradients, --first-order does not"
+            if purpose == "train" and not inner.first_order else "")
+    return f"the model cannot be {what}: {type(exc).__name__}: {text[:200]}{hint}"
+
+
+def _reference(model: nn.Module, lrs: Tensor | None, probe: TaskBatch, inner: InnerLoop,
+               purpose: str) -> Tensor:
+    """The loop one task at a time through `functional_call`: meta-gradient or predictions."""
+    if purpose == "train":
+        higher_engine.meta_gradient(model, lrs, probe, inner, plain=True)
+        return _flat_grads(model, lrs)
+    return higher_engine.adapt_predict(model, lrs, probe, inner, plain=True).flatten()
+
+
 def batched_problem(
     model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop,
     purpose: str = "train",
 ) -> str | None:
     """Why the batched engine cannot run `model` on `batch` (None if it can, exactly).
 
-    `purpose` "train" compares meta-gradients, "eval" the adapted query predictions.
+    `purpose` "train" compares meta-gradients, "eval" the adapted query predictions. Raises
+    `UsageError` if the model fails in the reference loop too, in its own precision.
     """
+    if purpose == "eval":  # evaluation's 0-step "before" call takes no gradient to check
+        inner = dataclasses.replace(inner, steps=max(inner.steps, 1))
     probe = batch.chunk(0, min(PROBE_TASKS, len(batch)))
-    probe = probe.to(probe.support_x.device, torch.float64)
     with torch.random.fork_rng(devices=[]):
         twin, lrs = _copy64(model, learned_lrs)
-        if purpose == "train":
-            higher_engine.meta_gradient(twin, lrs, probe, inner)
-            expected = _flat_grads(twin, lrs)
-            twin, lrs = _copy64(model, learned_lrs)
-        else:
-            expected = higher_engine.adapt_predict(twin, lrs, probe, inner).flatten()
+        try:
+            expected = _reference(twin, lrs, probe.to(probe.support_x.device, torch.float64),
+                                  inner, purpose)
+        except Exception as exc:  # float64 or the model itself: try its own precision
+            own = copy.deepcopy(model)
+            own_lrs = None if learned_lrs is None else nn.Parameter(learned_lrs.detach().clone())
+            try:
+                _reference(own, own_lrs, probe, inner, purpose)
+            except Exception as own_exc:
+                raise UsageError(model_failure(own_exc, inner, purpose)) from None
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return f"it fails in float64, where the engines are compared ({text[:160]})"
+        twin, lrs = _copy64(model, learned_lrs)
+        probe = probe.to(probe.support_x.device, torch.float64)
         try:
             engine = BatchedEngine(task_chunk=len(probe))
             if purpose == "train":
@@ -109,7 +146,7 @@ def batched_problem(
     rel = ((got - expected).norm() / expected.norm().clamp_min(1e-300)).item()
     if not rel <= TOLERANCE:
         what = "meta-gradient" if purpose == "train" else "adapted predictions"
-        return (f"its {what} under vmap differs from the higher engine's by {rel:.1e} "
+        return (f"its {what} under vmap differs from the loop's by {rel:.1e} "
                 f"(relative, float64) on the first batch")
     return None
 
@@ -145,10 +182,18 @@ class SelectedEngine:
         return None if engine is None else ("higher" if engine is higher_engine else "batched")
 
     def _decide(self, model, learned_lrs, batch, inner, purpose: str):
+        with evaluation_mode(model) if purpose == "eval" else nullcontext():
+            higher_wrong = higher_engine.routing_problem(model, batch.support_x[0])
         if self.options.name == "higher":
+            if higher_wrong:
+                raise UsageError(f"--engine higher cannot run this model: {higher_wrong}; "
+                                 "use --engine batched (or auto)")
             return higher_engine
         problem = batched_problem(model, learned_lrs, batch, inner, purpose)
         if problem is not None:
+            if higher_wrong:
+                raise UsageError(f"neither engine can run this model: {higher_wrong}; and the "
+                                 f"batched engine cannot either: {problem}")
             if self.options.name == "batched":
                 raise UsageError(f"--engine batched cannot run this model: {problem}; "
                                  "use --engine higher (or auto)")
@@ -156,6 +201,10 @@ class SelectedEngine:
                 self.warn(f"warning: the batched engine cannot run this model ({problem}); "
                           "using the higher engine")
             return higher_engine
+        if higher_wrong:
+            if self.options.name == "auto" and not self.chosen:
+                self.warn(f"engine auto: batched ({higher_wrong})")
+            return self.batched
         device = next(model.parameters()).device
         if self.options.name == "auto" and device.type == "cpu":
             if not batched_is_faster_on_cpu(model):
@@ -170,16 +219,33 @@ class SelectedEngine:
             self.chosen[purpose] = self._decide(model, learned_lrs, batch, inner, purpose)
         return self.chosen[purpose]
 
+    def _first(self, purpose: str, call: Callable[[], object], inner: InnerLoop):
+        """Run an engine's first call for `purpose`; a failure of the model's own is one line."""
+        try:
+            return call()
+        except (UsageError, torch.cuda.OutOfMemoryError):
+            raise
+        except RuntimeError as exc:
+            raise UsageError(model_failure(exc, inner, purpose)) from None
+
     def meta_gradient(
         self, model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop
     ) -> dict[str, Tensor]:
+        first = "train" not in self.chosen
         engine = self._engine("train", model, learned_lrs, batch, inner)
+        if first:
+            return self._first(
+                "train", lambda: engine.meta_gradient(model, learned_lrs, batch, inner), inner)
         return engine.meta_gradient(model, learned_lrs, batch, inner)
 
     def adapt_predict(
         self, model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop
     ) -> Tensor:
+        first = "eval" not in self.chosen
         engine = self._engine("eval", model, learned_lrs, batch, inner)
+        if first:
+            return self._first(
+                "eval", lambda: engine.adapt_predict(model, learned_lrs, batch, inner), inner)
         return engine.adapt_predict(model, learned_lrs, batch, inner)
 
 

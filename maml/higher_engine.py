@@ -7,6 +7,11 @@ consumer uses. Second order keeps the graph through the support gradients (`crea
 first order drops it. Each task's query loss is back-propagated as soon as it is computed, so
 memory holds one task's graph at a time.
 
+`higher` replaces each layer's parameters with the fast weights; a layer that reads a weight of
+another layer itself (as `nn.MultiheadAttention` reads its `out_proj`) keeps the original there,
+silently. `routing_problem` checks, once per model, that the functional view gives the outputs
+`torch.func.functional_call` gives for the same weights, and names the weights it ignores.
+
 An engine offers two functions, with the same meaning in `maml.batched_engine`:
 - `meta_gradient(...)`: adds d(mean query loss)/d(meta-parameters) to their `.grad` and returns
   the batch's mean query loss (and accuracy) as tensors, without a host sync;
@@ -16,6 +21,8 @@ An engine offers two functions, with the same meaning in `maml.batched_engine`:
 
 from __future__ import annotations
 
+import copy
+import weakref
 from contextlib import nullcontext
 
 import higher
@@ -29,20 +36,82 @@ from maml.adaptation import (
     autograd_grad,
     check_adaptable,
     evaluation_mode,
+    functional_forward,
     step_size_table,
     task_loss,
     use_batch_statistics,
 )
+from maml.errors import UsageError
 from maml.tasks import TaskBatch
 
+_ROUTING: weakref.WeakKeyDictionary[nn.Module, str | None] = weakref.WeakKeyDictionary()
 
-def _forward(model: nn.Module, for_use: bool = False):
+
+def routing_problem(model: nn.Module, x: Tensor) -> str | None:
+    """Which weights `higher`'s functional view of `model` ignores, in words (None: none).
+
+    Both views run on the same perturbed weights and the same random seed, each on its own copy
+    of the model (a forward may mutate a buffer); a weight whose change reaches the outputs of
+    one view but not the other is named. The answer is kept for the model's lifetime.
+    """
+    if model in _ROUTING:
+        return _ROUTING[model]
+    names = [name for name, _ in model.named_parameters()]
+    base = [p.detach() for p in model.parameters()]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def nudged(p: Tensor) -> Tensor:
+        scale = 0.1 * (p.abs().mean() if p.numel() else 0.0) + 1e-2
+        return p + scale * torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
+
+    def outputs(weights: list[Tensor]) -> tuple[Tensor, Tensor]:
+        views = []
+        for run in (lambda m: higher.monkeypatch(m, copy_initial_weights=False)(x, params=weights),
+                    lambda m: torch.func.functional_call(m, dict(zip(names, weights)), (x,))):
+            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+                torch.manual_seed(0)
+                views.append(run(copy.deepcopy(model)))
+        return views[0], views[1]
+
+    def differs(weights: list[Tensor]) -> bool:
+        a, b = outputs(weights)
+        return not bool(((a - b).norm() <= 1e-4 * b.norm().clamp_min(1e-12)).item())
+
+    with torch.no_grad():
+        problem = None
+        if differs([nudged(p) for p in base]):
+            ignored = [n for i, n in enumerate(names)
+                       if differs([nudged(p) if j == i else p for j, p in enumerate(base)])]
+            shown = ", ".join(ignored[:4]) + (f" and {len(ignored) - 4} more"
+                                              if len(ignored) > 4 else "")
+            problem = (f"the higher library ignores the adapted values of {shown or 'its weights'} "
+                       "(a layer that reads another layer's weights itself, as "
+                       "nn.MultiheadAttention reads out_proj, keeps the originals)")
+    _ROUTING[model] = problem
+    return problem
+
+
+def _forward(model: nn.Module, for_use: bool = False, plain: bool = False):
+    if plain:  # the same loop through torch.func.functional_call: no higher, no vmap
+        functional = functional_forward(model)
+
+        def plain_forward(params: Params, x: Tensor) -> Tensor:
+            with evaluation_mode(model) if for_use else nullcontext():
+                return functional(params, x)
+
+        return plain_forward
     check_adaptable(model)
     use_batch_statistics(model)
     with evaluation_mode(model) if for_use else nullcontext():  # `higher` copies the modes
         fmodel = higher.monkeypatch(model, copy_initial_weights=False)
 
     def forward(params: Params, x: Tensor) -> Tensor:
+        if model not in _ROUTING:  # once per model, on its first input
+            with evaluation_mode(model) if for_use else nullcontext():
+                routing_problem(model, x)
+        if _ROUTING[model] is not None:
+            raise UsageError(f"the higher engine cannot run this model: {_ROUTING[model]}; use "
+                             "--engine batched (or auto)")
         return fmodel(x, params=list(params))
 
     return forward
@@ -54,10 +123,15 @@ def accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def meta_gradient(
-    model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop
+    model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop,
+    plain: bool = False,
 ) -> dict[str, Tensor]:
-    """Accumulate the MAML meta-gradient of `batch` into `.grad`; return mean loss (and accuracy)."""
-    forward = _forward(model)
+    """Accumulate the MAML meta-gradient of `batch` into `.grad`; return mean loss (and accuracy).
+
+    `plain`: the same loop through `torch.func.functional_call` instead of `higher` (the
+    reference `maml.engine_select` holds the batched engine to).
+    """
+    forward = _forward(model, plain=plain)
     params = tuple(model.parameters())
     grad_fn = autograd_grad(create_graph=not inner.first_order)
     losses, accuracies = [], []
@@ -80,15 +154,18 @@ def meta_gradient(
 
 
 def adapt_predict(
-    model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop
+    model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop,
+    plain: bool = False,
 ) -> Tensor:
-    """Adapt to every task of `batch` and return the query outputs, stacked `(B, Q, ...)`."""
+    """Adapt to every task of `batch` and return the query outputs, stacked `(B, Q, ...)`.
+
+    `plain`: as for `meta_gradient`."""
     params = tuple(p.detach().requires_grad_() for p in model.parameters())
     lrs = None if learned_lrs is None else learned_lrs.detach()
     table = step_size_table(
         inner.steps, len(params), inner.lr, lrs, params[0].dtype, params[0].device
     )
-    forward = _forward(model, for_use=True)
+    forward = _forward(model, for_use=True, plain=plain)
     outputs = []
     for i in range(len(batch)):
         sx, sy, qx, _ = (t[i] for t in batch.tensors())

@@ -5,6 +5,8 @@ in `tests/test_adaptation.py`); here every meta-gradient of the batched engine, 
 must agree with it to 1e-10 relative, and unsupported models must be caught up front.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -406,6 +408,91 @@ def test_auto_on_cpu_picks_by_model_structure_and_keeps_the_meta_gradient():
             assert rel(got, expected) <= TOL
         assert auto.name == expected_engine
         assert len(lines) == (1 if expected_engine == "higher" else 0)
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention reads its out_proj's weights itself, past higher's fast weights."""
+
+    def __init__(self, need_weights=False):
+        super().__init__()
+        self.need_weights = need_weights
+        self.inp, self.out = nn.Linear(1, 8), nn.Linear(8, 1)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        h = self.inp(x).unsqueeze(0)
+        h, _ = self.mha(h, h, h, need_weights=self.need_weights)
+        return self.out(h.squeeze(0))
+
+
+def test_weights_higher_ignores_are_named_and_auto_trains_the_batched_engine():
+    torch.manual_seed(0)
+    model, batch = Attention(need_weights=True).double(), sine_batch()
+    inner = InnerLoop("mse", 2, 0.05)
+    assert "mha.out_proj.weight, mha.out_proj.bias" in higher_engine.routing_problem(
+        model, batch.support_x[0])
+    with pytest.raises(UsageError, match="--engine higher cannot run this model: the higher "
+                                         "library ignores the adapted values of mha.out_proj"):
+        SelectedEngine(EngineOptions(name="higher")).meta_gradient(model, None, batch, inner)
+    with pytest.raises(UsageError, match="the higher engine cannot run this model"):
+        higher_engine.adapt_predict(model, None, batch, inner)  # direct callers are refused too
+    lines = []
+    auto = SelectedEngine(EngineOptions(name="auto"), warn=lines.append)
+    got, _ = gradient(auto, model, None, batch, inner)
+    plain = copy.deepcopy(model)
+    higher_engine.meta_gradient(plain, None, batch, inner, plain=True)
+    expected = torch.cat([p.grad.flatten() for p in plain.parameters()])
+    assert auto.name == "batched" and rel(got, expected) <= TOL
+    assert len(lines) == 1 and lines[0].startswith("engine auto: batched (the higher library")
+
+
+def test_evaluation_probe_takes_a_step_even_when_the_first_call_takes_none():
+    """Evaluation first asks for 0-step predictions: nothing is differentiated there, so a model
+    vmap cannot differentiate would pass a probe of that call and fail on the next."""
+    torch.manual_seed(0)
+    model, batch, lines = CountsCalls().double(), sine_batch(), []
+    auto = SelectedEngine(EngineOptions(name="auto"), warn=lines.append)
+    auto.adapt_predict(model, None, batch, InnerLoop("mse", 0, 0.05))
+    auto.adapt_predict(model, None, batch, InnerLoop("mse", 2, 0.05))
+    assert auto.chosen["eval"] is higher_engine and "in place" in lines[0]
+
+
+class SelfAttention(nn.Module):
+    def forward(self, h):
+        return F.scaled_dot_product_attention(h[None], h[None], h[None])[0]
+
+
+def test_a_model_without_a_second_derivative_is_one_line_on_every_engine():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), SelfAttention(), nn.Linear(8, 1))
+    batch = sine_batch().to("cpu", torch.float32)
+    for name in ("higher", "auto", "batched"):
+        engine = SelectedEngine(EngineOptions(name=name), warn=lambda line: None)
+        with pytest.raises(UsageError, match="the model cannot be meta-trained: RuntimeError: .*"
+                                             "--first-order does not"):
+            engine.meta_gradient(model, None, batch, InnerLoop("mse", 1, 0.05))
+    first_order = SelectedEngine(EngineOptions(name="auto"), warn=lambda line: None)
+    first_order.meta_gradient(model, None, batch, InnerLoop("mse", 1, 0.05, first_order=True))
+
+
+class Float32Inside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(1, 1)
+
+    def forward(self, x):
+        return self.lin(x.float())
+
+
+def test_a_model_that_cannot_run_in_float64_trains_with_higher_under_auto():
+    model, batch, lines = Float32Inside(), sine_batch().to("cpu", torch.float32), []
+    auto = SelectedEngine(EngineOptions(name="auto"), warn=lines.append)
+    gradient(auto, model, None, batch, InnerLoop("mse", 1, 0.05))
+    assert auto.name == "higher" and "fails in float64" in lines[0]
+    with pytest.raises(UsageError, match="--engine batched cannot run this model: it fails in "
+                                         "float64"):
+        SelectedEngine(EngineOptions(name="batched")).meta_gradient(
+            model, None, batch, InnerLoop("mse", 1, 0.05))
 
 
 def test_named_engines_run_what_they_name():
