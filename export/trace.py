@@ -156,9 +156,10 @@ def _check_dynamic(gm: GraphModule, env: ShapeEnv, r: Routine, entry: str) -> No
     holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, name, dyn in zip(holders, r.input_names(entry), dynamic_inputs(r, entry),
                                strict=True):
+        if not dyn:
+            continue  # weights, step sizes: fixed shapes, possibly 0-dim (a learned temperature)
         size = node.meta["val"].shape[0]
-        fixed = not isinstance(size, torch.SymInt) or not env.replace(size.node.expr).free_symbols
-        if dyn and fixed:
+        if not isinstance(size, torch.SymInt) or not env.replace(size.node.expr).free_symbols:
             raise UsageError(
                 f"the model fixes the number of examples of {name} while tracing; "
                 "the adapter needs a model whose batch size can vary"

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -98,3 +99,32 @@ class _Rounded(nn.Module):
 def integer_output() -> nn.Module:
     """A regression model that returns int64 predictions."""
     return _Rounded()
+
+
+class _Temperature(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Linear(16, 1))
+        self.temperature = nn.Parameter(torch.tensor(1.5))  # 0-dim
+
+    def forward(self, x):
+        return self.body(x) * self.temperature
+
+
+def temperature_mlp() -> nn.Module:
+    """A regression MLP with a 0-dim parameter, as a learned temperature or scale is written."""
+    return _Temperature()
+
+
+class _FunctionalDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(1, 32), nn.Linear(32, 1)
+
+    def forward(self, x):
+        return self.out(F.dropout(torch.relu(self.inp(x)), 0.3, self.training))
+
+
+def functional_dropout_mlp() -> nn.Module:
+    """Dropout as `F.dropout(x, p, self.training)`: off in the adapter as `nn.Dropout` is."""
+    return _FunctionalDropout()

@@ -62,6 +62,12 @@ CASES = {
     "unused-weight-2step": (  # a layer the forward never calls (a constant output), a buffer
         ["--iterations", "2", "--model", "tests.export_models:mlp_with_spare_layer"],
         {"steps": 2, "check": True}),
+    "0-dim-weight-2step": (  # a learned temperature: a parameter of shape ()
+        ["--iterations", "2", "--model", "tests.export_models:temperature_mlp"],
+        {"steps": 2, "check": True}),
+    "functional-dropout-2step": (  # F.dropout(x, p, self.training): off in the adapter
+        ["--iterations", "2", "--model", "tests.export_models:functional_dropout_mlp"],
+        {"steps": 2, "check": True}),
     "cnn-1step-learned": (
         [*OMNIGLOT, "--model", "cnn", "--model-kwargs", '{"hidden": 8, "blocks": 2}',
          "--learn-inner-lr"], {"steps": 1, "check": True}),
