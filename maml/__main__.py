@@ -213,7 +213,7 @@ class CLI:
             tf32: TF32 matmuls and convolutions on CUDA (opt-in; changes the numbers slightly).
             dtype: float32 or float64 for the weights and tasks.
             checkpoint: where the run is saved (metrics and the best weights go beside it).
-            log_every: iterations between metric lines in <checkpoint>.metrics.jsonl.
+            log_every: iterations between metric lines in <run>.metrics.jsonl, for <run>.pt.
             val_every: iterations between validations on held-out tasks.
             val_tasks: tasks per validation.
             checkpoint_every: iterations between checkpoints (also at the end and on a stop).
@@ -358,7 +358,7 @@ class CLI:
         `--checkpoint a.pt,b.pt` draws several runs in one figure, to compare them.
 
         Args:
-            checkpoint: the run whose <checkpoint>.metrics.jsonl to draw; several, comma-separated.
+            checkpoint: the run <run>.pt whose <run>.metrics.jsonl to draw; several, comma-separated.
             out: the .png (or .pdf, .svg) to write (default: <checkpoint>.curves.png beside it).
         """
         from maml.curves import plot_curves

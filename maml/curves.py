@@ -1,4 +1,4 @@
-"""Learning curves: a run's `<checkpoint>.metrics.jsonl` drawn as a PNG.
+"""Learning curves: a run's `<run>.metrics.jsonl` (beside `<run>.pt`) drawn as a PNG.
 
 Two panels side by side: the validation metric (accuracy or MSE) and the training meta-loss
 against meta-iterations, and the validation metric against training seconds (time to accuracy).

@@ -1,8 +1,8 @@
 """The meta-training loop: sample a meta-batch, take its meta-gradient, step Adam. Repeat.
 
 One obvious loop. Around it: a progress bar with the running meta-loss (and accuracy), metrics
-every `log_every` iterations to `<checkpoint>.metrics.jsonl`, validation on held-out tasks every
-`val_every` iterations (the best checkpoint is kept as `<checkpoint>.best.pt` beside the latest),
+every `log_every` iterations to `<run>.metrics.jsonl` (beside `<run>.pt`), validation on held-out
+tasks every `val_every` iterations (the best checkpoint is kept as `<run>.best.pt` beside it),
 and an atomic checkpoint every `checkpoint_every` iterations and at the end. `resume=True`
 continues from the checkpoint's exact state (weights, optimizer, task generator, RNG), so
 N + N resumed iterations equal 2N straight (metric lines logged after that checkpoint by the
@@ -144,6 +144,10 @@ def writable_target(path: Path, resume: bool, overwrite: bool) -> None:
     if path.exists() and not (resume or overwrite):
         raise UsageError(f"{path} already holds a run; add --resume to continue it, --overwrite "
                          "to start again in its place, or choose another --checkpoint")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"--checkpoint {path}: {blocking} is a file, not a folder; choose "
+                         "another --checkpoint path")
     path.parent.mkdir(parents=True, exist_ok=True)  # an OSError here is exit_status's one line
     tempfile.TemporaryFile(dir=path.parent).close()
 

@@ -9,6 +9,8 @@ and through `ddp.module` DDP averages nothing (each rank keeps its own gradient)
 """
 
 import datetime
+import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -20,6 +22,9 @@ from maml.experiment import build
 
 
 def main() -> None:
+    if "RANK" not in os.environ or len(sys.argv) > 1:
+        sys.exit("run under torchrun, without arguments: python -m torch.distributed.run "
+                 "--nproc-per-node 2 scripts/ddp_conflict_check.py")
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank()
     cfg = Config(meta_batch_size=4).with_defaults()

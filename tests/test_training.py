@@ -151,6 +151,9 @@ def test_an_existing_run_is_not_replaced_by_accident(tmp_path):
     folder = dataclasses.replace(cfg, checkpoint=str(tmp_path))
     with pytest.raises(UsageError, match="is a folder; give a file name"):
         train(folder, progress=False)
+    under_a_file = dataclasses.replace(cfg, checkpoint=str(latest / "deeper" / "m.pt"))
+    with pytest.raises(UsageError, match=f"{latest} is a file, not a folder"):
+        train(under_a_file, progress=False)
     weights_only = {k: v for k, v in torch.load(latest, weights_only=True).items()
                     if k not in ("optimizer", "rng")}
     torch.save(weights_only, latest)
