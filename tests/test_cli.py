@@ -190,10 +190,10 @@ def test_option_typos_and_wrong_types_stop_before_anything_runs(tmp_path, capsys
 def test_a_path_that_cannot_be_written_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    code = main(["train", "--checkpoint", str(blocker / "m.pt"), "--iterations", "1", "--quiet"])
-    err = capsys.readouterr().err.strip()
-    assert code == 1 and len(err.splitlines()) == 1, err
-    assert err.startswith("error: ") and str(blocker) in err
+    line = bad(capsys, "train", "--checkpoint", str(blocker / "sub" / "m.pt"), "--iterations", "1",
+               "--quiet")
+    assert f"{blocker} is a file, not a folder; choose another --checkpoint path" in line
+    assert blocker.read_text() == "not a folder"
 
 
 def test_bad_checkpoints_are_one_clear_line(tmp_path, capsys, sinusoid_ckpt):
