@@ -214,8 +214,8 @@ def verify(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop, fold
             raise UsageError(
                 "the model's forward is random even in evaluation mode, with dropout off (the same "
                 f"task gave outputs {float(np.abs(again - ref).max()):.2e} apart): an adapter "
-                "must be a function of "
-                "its inputs, so remove the other random operations from the forward")
+                "must be a function of its inputs, so remove the other random operations from "
+                "the forward")
         noise = task_noise(exp, learned, inner, task, ref)
         if 2 * noise.scale > tolerance:
             ill_conditioned.append({"float32_error": noise.float32_error,

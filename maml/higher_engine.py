@@ -81,7 +81,13 @@ def routing_problem(model: nn.Module, x: Tensor) -> str | None:
 
     with torch.no_grad():
         problem = None
-        if differs([nudged(p) for p in base]):
+        try:
+            wrong = differs([nudged(p) for p in base])
+        except Exception as exc:  # higher cannot patch the model at all
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            problem = f"higher's functional view of it fails ({type(exc).__name__}: {text[:160]})"
+            wrong = False
+        if wrong:
             ignored = [n for i, n in enumerate(names)
                        if differs([nudged(p) if j == i else p for j, p in enumerate(base)])]
             shown = ", ".join(ignored[:4]) + (f" and {len(ignored) - 4} more"
