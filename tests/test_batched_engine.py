@@ -462,6 +462,7 @@ class SelfAttention(nn.Module):
         return F.scaled_dot_product_attention(h[None], h[None], h[None])[0]
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 def test_a_model_without_a_second_derivative_is_one_line_on_every_engine():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 8), SelfAttention(), nn.Linear(8, 1))
