@@ -20,7 +20,7 @@ import torch
 from onnx import compose as compose_lib
 from torch.fx import GraphModule
 
-from maml.errors import UsageError
+from maml.errors import UsageError, gist
 
 OPSET = 18
 
@@ -39,8 +39,7 @@ def _unsupported(exc: BaseException) -> str:
     match = re.search(r"aten[.:]+[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?", text)
     if match:
         return f"operator {match.group(0)} has no ONNX translation"
-    lines = text.strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:300]
+    return gist(exc, 300)
 
 
 def to_onnx(gm: GraphModule, example: tuple[torch.Tensor, ...], input_names: list[str],

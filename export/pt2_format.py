@@ -12,7 +12,7 @@ import torch
 from torch.fx import GraphModule
 
 from export.onnx_format import dynamic_shapes
-from maml.errors import UsageError
+from maml.errors import UsageError, gist
 
 
 def save(gm: GraphModule, example: tuple[torch.Tensor, ...], input_names: list[str],
@@ -23,8 +23,7 @@ def save(gm: GraphModule, example: tuple[torch.Tensor, ...], input_names: list[s
             warnings.simplefilter("ignore")
             program = torch.export.export(gm, example, dynamic_shapes=dynamic_shapes(input_names))
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UsageError(f"cannot export the .pt2 program: {first[:300]}") from None
+        raise UsageError(f"cannot export the .pt2 program: {gist(exc, 300)}") from None
     torch.export.save(program, str(path))
 
 

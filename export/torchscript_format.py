@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.fx import GraphModule
 
-from maml.errors import UsageError
+from maml.errors import UsageError, gist
 
 
 def to_torchscript(gm: GraphModule) -> torch.jit.ScriptModule:
@@ -30,8 +30,7 @@ def to_torchscript(gm: GraphModule) -> torch.jit.ScriptModule:
             warnings.simplefilter("ignore")  # torch 2.14 deprecates jit.script; see the .pt2 files
             return torch.jit.script(gm)
     except Exception as exc:
-        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-        raise UsageError(f"cannot compile to TorchScript: {' '.join(lines[:2])[:300]}") from None
+        raise UsageError(f"cannot compile to TorchScript: {gist(exc, 300, lines=2)}") from None
 
 
 def save(gm: GraphModule, path: Path) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from maml.errors import UsageError
+from maml.errors import UsageError, gist
 
 FORMAT = "maml-toolkit/checkpoint-v1"
 REQUIRED = ("config", "model", "inner_lrs", "iteration")
@@ -69,10 +69,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(
             f"{path} is not a readable checkpoint (truncated or not written by this toolkit): "
-            f"{reason[:200]}"
+            f"{gist(exc)}"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UsageError(f"{path} is not a maml-toolkit checkpoint (no '{FORMAT}' format tag)")
@@ -87,8 +86,6 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:3])
         raise UsageError(
-            f"the weights in {source} do not fit the model: {detail[:300]}"
+            f"the weights in {source} do not fit the model: {gist(exc, 300, lines=3)}"
         ) from None

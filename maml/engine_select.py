@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from maml import higher_engine
 from maml.adaptation import InnerLoop, evaluation_mode
 from maml.batched_engine import BatchedEngine
-from maml.errors import UsageError
+from maml.errors import UsageError, gist
 from maml.tasks import TaskBatch
 
 TOLERANCE = 1e-8  # float64 agreement the probe demands; exact engines agree to ~1e-15
@@ -58,19 +58,19 @@ class EngineOptions:
 
 
 def _problem_name(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = gist(exc, 160)
     low = str(exc).lower()
     if "data-dependent" in low or "item()" in low or ".item" in low:
         return "its forward uses data-dependent Python control flow or .item() " \
-               f"(vmap cannot batch it: {text[:160]})"
+               f"(vmap cannot batch it: {text})"
     if "randomness" in low or "random operation" in low:
-        return f"its forward uses random operations such as dropout ({text[:160]})"
+        return f"its forward uses random operations such as dropout ({text})"
     if "inplace" in low or "in-place" in low or "in place" in low:
         return "its forward mutates a tensor in place, e.g. a buffer " \
-               f"(vmap cannot share it across tasks: {text[:160]})"
+               f"(vmap cannot share it across tasks: {text})"
     if "batching rule" in low:
-        return f"an operation in its forward has no vmap batching rule ({text[:160]})"
-    return f"running it under vmap fails with {type(exc).__name__}: {text[:200]}"
+        return f"an operation in its forward has no vmap batching rule ({text})"
+    return f"running it under vmap fails with {gist(exc, typed=True)}"
 
 
 def _flat_grads(model: nn.Module, lrs: Tensor | None) -> Tensor:
@@ -90,11 +90,10 @@ def _copy64(model: nn.Module, lrs: Tensor | None) -> tuple[nn.Module, Tensor | N
 
 def model_failure(exc: Exception, inner: InnerLoop, purpose: str) -> str:
     """The one line for a model that fails in the inner loop itself, whatever the engine."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     what = "meta-trained" if purpose == "train" else "adapted to a task"
     hint = ("; second-order MAML differentiates the inner loop's gradients, --first-order does not"
             if purpose == "train" and not inner.first_order else "")
-    return f"the model cannot be {what}: {type(exc).__name__}: {text[:200]}{hint}"
+    return f"the model cannot be {what}: {gist(exc, typed=True)}{hint}"
 
 
 def _reference(model: nn.Module, lrs: Tensor | None, probe: TaskBatch, inner: InnerLoop,
@@ -130,8 +129,7 @@ def batched_problem(
                 _reference(own, own_lrs, probe, inner, purpose)
             except Exception as own_exc:
                 raise UsageError(model_failure(own_exc, inner, purpose)) from None
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            return f"it fails in float64, where the engines are compared ({text[:160]})"
+            return f"it fails in float64, where the engines are compared ({gist(exc, 160)})"
         twin, lrs = _copy64(model, learned_lrs)
         probe = probe.to(probe.support_x.device, torch.float64)
         try:

@@ -11,6 +11,26 @@ import threading
 from collections.abc import Callable
 
 
+def gist(exc: BaseException, limit: int = 200, lines: int = 1, typed: bool = False) -> str:
+    """The first `lines` non-empty lines of an exception's message, joined, for quoting another
+    library's error inside one of ours.
+
+    The message is cut to at most `limit` characters at a word, with "..." (never mid-word).
+    `typed` puts the exception's type name in front ("RuntimeError: ..."); a message-less
+    exception is its type name either way.
+    """
+    name = type(exc).__name__
+    kept = [line.strip() for line in str(exc).splitlines() if line.strip()][:lines]
+    text = " ".join(kept)
+    if not text:
+        return name
+    if len(text) > limit:
+        cut = text[:limit - 3]
+        space = cut.rfind(" ")
+        text = (cut[:space] if space > limit // 2 else cut).rstrip(" ,;:.") + "..."
+    return f"{name}: {text}" if typed else text
+
+
 class UsageError(Exception):
     """Bad input from the user: the message names the problem and, where there is one, the fix."""
 

@@ -41,7 +41,7 @@ from maml.adaptation import (
     task_loss,
     use_batch_statistics,
 )
-from maml.errors import UsageError
+from maml.errors import UsageError, gist
 from maml.tasks import TaskBatch
 
 _ROUTING: weakref.WeakKeyDictionary[nn.Module, str | None] = weakref.WeakKeyDictionary()
@@ -84,8 +84,7 @@ def routing_problem(model: nn.Module, x: Tensor) -> str | None:
         try:
             wrong = differs([nudged(p) for p in base])
         except Exception as exc:  # higher cannot patch the model at all
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            problem = f"higher's functional view of it fails ({type(exc).__name__}: {text[:160]})"
+            problem = f"higher's functional view of it fails ({gist(exc, 160, typed=True)})"
             wrong = False
         if wrong:
             ignored = [n for i, n in enumerate(names)

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from maml.errors import UsageError
+from maml.errors import UsageError, gist
 
 
 class InferenceError(RuntimeError):
@@ -68,7 +68,7 @@ class OnnxBackend:
                                                providers=["CPUExecutionProvider"])
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise UsageError(f"onnxruntime cannot load {path}: "
-                                 f"{str(exc).splitlines()[0][:300]}") from None
+                                 f"{gist(exc, 300)}") from None
             inputs = [i.name for i in session.get_inputs()]
             outputs = [o.name for o in session.get_outputs()]
             if sorted(inputs) != sorted(expected[entry][0]) or outputs != expected[entry][1]:
@@ -83,7 +83,7 @@ class OnnxBackend:
         try:
             return self.sessions[entry].run(None, feeds)
         except Exception as exc:
-            raise InferenceError(f"{entry}.onnx failed: {str(exc).splitlines()[0][:300]}") from exc
+            raise InferenceError(f"{entry}.onnx failed: {gist(exc, 300)}") from exc
 
     def adapt(self, support_x: np.ndarray, support_y: np.ndarray) -> tuple[np.ndarray, ...]:
         return tuple(self._run("adapt", {"support_x": support_x, "support_y": support_y}))
@@ -126,7 +126,7 @@ class TorchScriptBackend:
                     self.modules[entry] = torch.jit.load(str(path), map_location="cpu")
             except Exception as exc:
                 raise UsageError(f"torch.jit.load cannot load {path}: "
-                                 f"{str(exc).splitlines()[0][:300]}") from None
+                                 f"{gist(exc, 300)}") from None
 
     def _call(self, entry: str, *args: Any, grad: bool = True) -> Any:
         try:
@@ -134,7 +134,7 @@ class TorchScriptBackend:
             with self.torch.set_grad_enabled(grad):
                 return self.modules[entry](*args)
         except Exception as exc:
-            raise InferenceError(f"{entry}.ts failed: {str(exc).splitlines()[0][:300]}") from exc
+            raise InferenceError(f"{entry}.ts failed: {gist(exc, 300)}") from exc
 
     def adapt(self, support_x: np.ndarray, support_y: np.ndarray) -> tuple[Any, ...]:
         params = self._call("adapt", self.torch.from_numpy(support_x),
