@@ -6,12 +6,20 @@ backward operators of each SGD step included, so the graphs need no autograd at 
 
 Only the number of support examples `S` and of queries `Q` are symbolic; every other size is
 fixed by the model. The meta-learned init and the step-size table become constants of the graph.
+
+Three layers are traced in an equivalent form whose backward is made of plain operators:
+attention in its math form (the CPU's fused kernel has a backward operator ONNX cannot express),
+recurrent layers without mkldnn (`mkldnn_rnn_layer`, likewise), and a biased linear layer on
+3-d inputs with the bias added separately (`_UnfusedLinearBias`). Each differs from the trained
+forward by float32 rounding at most, which `export.verify` measures.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +29,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from maml.adaptation import (
     Forward,
@@ -30,7 +40,7 @@ from maml.adaptation import (
     functional_forward,
     step_size_table,
 )
-from maml.errors import UsageError
+from maml.errors import UsageError, gist
 from maml.experiment import Experiment
 
 ENTRY_POINTS = ("adapt", "predict", "adapt_predict")
@@ -123,6 +133,35 @@ def _fake(mode: FakeTensorMode, t: Tensor, dynamic: bool) -> Tensor:
     return mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
 
 
+class _UnfusedLinearBias(TorchFunctionMode):
+    """`F.linear(x, w, b)` as `F.linear(x, w) + b` for an `x` of 3 or more dimensions.
+
+    Traced under `grad`, torch 2.14's fused path for a biased linear on such inputs fixes the
+    number of examples (a sequence model's or a transformer's linear layers); the same product
+    with the bias added separately keeps it symbolic, at the cost of one float32 rounding.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch._C._nn.linear:
+            x, weight, *rest = args
+            bias = rest[0] if rest else kwargs.get("bias")
+            if bias is not None and x.dim() > 2:
+                return func(x, weight) + bias
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def _plain_layers() -> Iterator[None]:
+    """Attention in its math form, recurrent layers without mkldnn, biased 3-d linear layers
+    unfused (see the module's docstring)."""
+    with warnings.catch_warnings():  # mkldnn.flags warns about Intel GPUs' TF32 on a CPU build
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+        with sdpa_kernel(SDPBackend.MATH), torch.backends.mkldnn.flags(enabled=False), \
+                _UnfusedLinearBias():
+            yield
+
+
 def trace(
     r: Routine, entry: str, example: tuple[Tensor, ...],
     decompositions: Mapping[Any, Callable] | None = None,
@@ -133,13 +172,13 @@ def trace(
     mode = FakeTensorMode(shape_env=ShapeEnv(duck_shape=False), allow_non_fake_inputs=True)
     fakes = [_fake(mode, t, d) for t, d in zip(example, dynamic_inputs(r, entry), strict=True)]
     try:
-        with mode:
+        with mode, _plain_layers():
             gm = make_fx(fn, decomposition_table=decompositions, tracing_mode="symbolic",
                          _allow_non_fake_inputs=True)(*fakes)
     except UsageError:
         raise
     except Exception as exc:
-        raise UsageError(f"cannot trace the adaptation routine: {_one_line(exc)}") from None
+        raise UsageError(f"cannot trace the adaptation routine: {gist(exc, 300)}") from None
     _check_dynamic(gm, mode.shape_env, r, entry)
     for node, name in zip([n for n in gm.graph.nodes if n.op == "placeholder"],
                           r.input_names(entry), strict=True):
@@ -183,7 +222,3 @@ def ops(gm: GraphModule) -> set[str]:
     """The names of the operators a graph calls."""
     return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
 
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]

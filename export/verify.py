@@ -1,7 +1,8 @@
 """Parity: every exported file reproduces the training-time inner loop on sample tasks.
 
 The reference is `maml.higher_engine.adapt_predict` (the engine meta-training and `maml eval`
-use) on the same checkpoint and tasks. Each format is loaded back from disk, as a consumer would
+use) on the same checkpoint and tasks, through `functional_call` for a model whose weights
+`higher` ignores (`routes_through_higher`). Each format is loaded back from disk, as a consumer would
 load it, and run both as `adapt_predict` and as `predict(adapt(...))`. Passing means, on every
 task, a max abs difference of at most `TOLERANCE` times the task's largest |output| (at least
 1: float32 rounding is relative, and 20-way logits reach 10), and, for classification, the reference's
@@ -39,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from maml.adaptation import InnerLoop
+from maml.adaptation import InnerLoop, evaluation_mode
 from maml.errors import UsageError
 from maml.experiment import Experiment, make_source
 from maml.tasks import TaskBatch
@@ -48,6 +49,8 @@ TOLERANCE = 1e-4
 PERTURBATION = 1e-6
 """Relative size of the support-image perturbations that measure a task's conditioning."""
 PERTURBED_RUNS = 4
+REFERENCE = {True: "maml.higher_engine.adapt_predict",  # keyed by `routes_through_higher`
+             False: "maml.higher_engine.adapt_predict(plain=True)"}
 
 Runner = Callable[[np.ndarray, np.ndarray, np.ndarray], list[np.ndarray]]
 """`(support_x, support_y, query_x) -> [adapt_predict outputs, predict(adapt) outputs]`."""
@@ -79,7 +82,18 @@ def reference(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop,
     """The training-time inner loop's query outputs for one task."""
     from maml.higher_engine import adapt_predict
 
-    return adapt_predict(exp.model, learned, task, inner)[0].numpy()
+    plain = not routes_through_higher(exp.model, task)
+    return adapt_predict(exp.model, learned, task, inner, plain=plain)[0].numpy()
+
+
+def routes_through_higher(model: torch.nn.Module, task: TaskBatch) -> bool:
+    """Whether the reference runs through `higher`: yes, unless higher ignores some of the
+    model's weights (nn.MultiheadAttention's out_proj). Such a model trained with the batched
+    engine, which the same loop through `functional_call` reproduces exactly."""
+    from maml.higher_engine import routing_problem
+
+    with evaluation_mode(model):
+        return routing_problem(model, task.support_x[0]) is None
 
 
 @dataclasses.dataclass
@@ -232,4 +246,4 @@ def verify(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop, fold
             "tolerance": TOLERANCE, "perturbation": PERTURBATION,
             "ill_conditioned": ill_conditioned, "tasks": len(tasks),
             "support_sizes": sorted({int(t.support_x.shape[1]) for t in tasks}),
-            "reference": "maml.higher_engine.adapt_predict", "passed": passed}
+            "reference": REFERENCE[routes_through_higher(exp.model, tasks[0])], "passed": passed}

@@ -128,3 +128,27 @@ class _FunctionalDropout(nn.Module):
 def functional_dropout_mlp() -> nn.Module:
     """Dropout as `F.dropout(x, p, self.training)`: off in the adapter as `nn.Dropout` is."""
     return _FunctionalDropout()
+
+
+class _Tokens(nn.Module):
+    """Each scalar input as a sequence of 4 tokens of width 8, through `body`, mean-pooled."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.embed, self.body, self.head = nn.Linear(1, 32), body, nn.Linear(8, 1)
+
+    def forward(self, x):
+        tokens = self.embed(x).reshape(x.shape[0], 4, 8)
+        out = self.body(tokens)
+        return self.head((out[0] if isinstance(out, tuple) else out).mean(1))
+
+
+def transformer_regressor() -> nn.Module:
+    """A transformer encoder layer: attention (whose out_proj `higher` cannot adapt),
+    `scaled_dot_product_attention` and linear layers on 3-d inputs."""
+    return _Tokens(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True))
+
+
+def lstm_regressor() -> nn.Module:
+    """An LSTM over the tokens (on the CPU, torch runs it as one fused mkldnn operator)."""
+    return _Tokens(nn.LSTM(8, 8, batch_first=True))

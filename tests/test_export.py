@@ -25,9 +25,9 @@ import torch
 from export.build import export_checkpoint
 from maml import checkpoint
 from maml.__main__ import main as maml_main
-from maml.adaptation import InnerLoop
+from maml.adaptation import InnerLoop, evaluation_mode
 from maml.experiment import make_source, restore
-from maml.higher_engine import adapt_predict
+from maml.higher_engine import adapt_predict, routing_problem
 from maml.strokes import RASTERISATION
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +68,12 @@ CASES = {
     "functional-dropout-2step": (  # F.dropout(x, p, self.training): off in the adapter
         ["--iterations", "2", "--model", "tests.export_models:functional_dropout_mlp"],
         {"steps": 2, "check": True}),
+    "transformer-2step": (  # first order: the CPU has no second derivative of attention
+        ["--iterations", "2", "--first-order", "--model",
+         "tests.export_models:transformer_regressor"], {"steps": 2, "check": True}),
+    "lstm-2step": (
+        ["--iterations", "2", "--first-order", "--model", "tests.export_models:lstm_regressor"],
+        {"steps": 2, "check": True}),
     "cnn-1step-learned": (
         [*OMNIGLOT, "--model", "cnn", "--model-kwargs", '{"hidden": 8, "blocks": 2}',
          "--learn-inner-lr"], {"steps": 1, "check": True}),
@@ -98,6 +104,14 @@ def tasks_with_shots(ckpt: Path, shots: int, n: int = 2):
     source, _ = make_source(dataclasses.replace(exp.cfg, k_shot=shots), exp.split)
     batch = source.sample(n, torch.Generator().manual_seed(99 + shots), "test")
     return exp, batch.to("cpu", torch.float32)
+
+
+def inner_loop(exp, learned, batch, inner: InnerLoop) -> np.ndarray:
+    """The training-time inner loop's query outputs: through `higher`, or through
+    `functional_call` for a model whose weights higher ignores (attention's out_proj)."""
+    with evaluation_mode(exp.model):
+        plain = routing_problem(exp.model, batch.support_x[0]) is not None
+    return adapt_predict(exp.model, learned, batch, inner, plain=plain).numpy()
 
 
 def loaders(folder: Path, info: dict):
@@ -184,7 +198,7 @@ def test_every_format_matches_the_training_inner_loop(exported, shots):
     ckpt, folder, info, steps = exported
     exp, batch = tasks_with_shots(ckpt, shots)
     learned = exp.inner_lrs.detach() if exp.inner_lrs is not None else None
-    reference = adapt_predict(exp.model, learned, batch, exp.cfg.inner_loop(steps)).numpy()
+    reference = inner_loop(exp, learned, batch, exp.cfg.inner_loop(steps))
     assert batch.support_x.shape[1] == shots * (exp.cfg.n_way or 1)
     for fmt, (adapt, predict, both) in loaders(folder, info).items():
         for i in range(len(batch)):
@@ -203,7 +217,7 @@ def test_adaptation_changes_the_outputs(exported):
     """Guards the parity test against a routine that silently skips the SGD steps."""
     ckpt, folder, info, _ = exported
     exp, batch = tasks_with_shots(ckpt, 5, n=1)
-    unadapted = adapt_predict(exp.model, None, batch, InnerLoop(exp.cfg.loss, 0, 0.0)).numpy()[0]
+    unadapted = inner_loop(exp, None, batch, InnerLoop(exp.cfg.loss, 0, 0.0))[0]
     session = ort.InferenceSession(str(folder / "adapt_predict.onnx"))
     feeds = {"support_x": batch.support_x[0].numpy(), "support_y": batch.support_y[0].numpy(),
              "query_x": batch.query_x[0].numpy()}
