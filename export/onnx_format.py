@@ -55,7 +55,8 @@ def to_onnx(gm: GraphModule, example: tuple[torch.Tensor, ...], input_names: lis
                 external_data=False, verbose=False, report=False,
             )
     except Exception as exc:
-        raise UsageError(f"cannot export to ONNX: {_unsupported(exc)}") from None
+        raise UsageError(f"cannot export to ONNX: {_unsupported(exc)}; --formats "
+                         "torchscript,pt2 writes the other formats") from None
     return _outputs_from_nodes(program.model_proto)
 
 

@@ -16,17 +16,21 @@ forward by float32 rounding at most, which `export.verify` measures.
 
 from __future__ import annotations
 
+import logging
 import operator
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import GraphModule
+from torch.fx.experimental import _config as shape_config
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -40,7 +44,7 @@ from maml.adaptation import (
     functional_forward,
     step_size_table,
 )
-from maml.errors import UsageError, gist
+from maml.errors import UsageError, gist, shorten
 from maml.experiment import Experiment
 
 ENTRY_POINTS = ("adapt", "predict", "adapt_predict")
@@ -168,18 +172,25 @@ def trace(
 ) -> GraphModule:
     """Trace one entry point with symbolic S / Q into an aten `GraphModule` whose inputs and
     outputs carry the contract's names."""
-    fn = entry_functions(r)[entry]
-    mode = FakeTensorMode(shape_env=ShapeEnv(duck_shape=False), allow_non_fake_inputs=True)
-    fakes = [_fake(mode, t, d) for t, d in zip(example, dynamic_inputs(r, entry), strict=True)]
-    try:
-        with mode, _plain_layers():
-            gm = make_fx(fn, decomposition_table=decompositions, tracing_mode="symbolic",
-                         _allow_non_fake_inputs=True)(*fakes)
-    except UsageError:
-        raise
-    except Exception as exc:
-        raise UsageError(f"cannot trace the adaptation routine: {gist(exc, 300)}") from None
-    _check_dynamic(gm, mode.shape_env, r, entry)
+    def make_graph() -> tuple[GraphModule, ShapeEnv]:
+        mode = FakeTensorMode(shape_env=ShapeEnv(duck_shape=False), allow_non_fake_inputs=True)
+        fakes = [_fake(mode, t, d) for t, d in zip(example, dynamic_inputs(r, entry), strict=True)]
+        try:
+            with mode, _plain_layers():
+                return make_fx(entry_functions(r)[entry], decomposition_table=decompositions,
+                               tracing_mode="symbolic", _allow_non_fake_inputs=True)(*fakes), \
+                    mode.shape_env
+        except UsageError:
+            raise
+        except Exception as exc:
+            raise UsageError(f"cannot trace the adaptation routine: {gist(exc, 300)}") from None
+
+    gm, env = make_graph()
+    fixed = _fixed_input(gm, env, r, entry)
+    if fixed is not None:
+        raise UsageError(f"the model fixes the number of examples of {fixed} while tracing"
+                         f"{_where_fixed(env, make_graph)}; the adapter needs a model whose "
+                         "batch size can vary")
     for node, name in zip([n for n in gm.graph.nodes if n.op == "placeholder"],
                           r.input_names(entry), strict=True):
         node.name = node.target = name
@@ -190,8 +201,8 @@ def trace(
     return gm
 
 
-def _check_dynamic(gm: GraphModule, env: ShapeEnv, r: Routine, entry: str) -> None:
-    """Refuse a graph whose support / query size was fixed by a guard during tracing."""
+def _fixed_input(gm: GraphModule, env: ShapeEnv, r: Routine, entry: str) -> str | None:
+    """The first input whose support / query size a guard fixed during tracing, if any."""
     holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, name, dyn in zip(holders, r.input_names(entry), dynamic_inputs(r, entry),
                                strict=True):
@@ -199,10 +210,55 @@ def _check_dynamic(gm: GraphModule, env: ShapeEnv, r: Routine, entry: str) -> No
             continue  # weights, step sizes: fixed shapes, possibly 0-dim (a learned temperature)
         size = node.meta["val"].shape[0]
         if not isinstance(size, torch.SymInt) or not env.replace(size.node.expr).free_symbols:
-            raise UsageError(
-                f"the model fixes the number of examples of {name} while tracing; "
-                "the adapter needs a model whose batch size can vary"
-            )
+            return name
+    return None
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
+
+
+def _where_fixed(env: ShapeEnv, make_graph: Callable[[], object]) -> str:
+    """Where the first guard that fixed a size was added, as " (at FILE:LINE in FUNC: `code`)":
+    the innermost frame outside torch (the model's own code), and the torch.nn frame it called.
+
+    torch logs a guard's Python stack when asked for that guard by name, so the graph is traced
+    again with the question asked; "" where that finds nothing.
+    """
+    constants = {s for s, v in env.replacements.items() if v.is_number}
+    first = next((g.expr for g in env.guards if g.expr.free_symbols & constants), None)
+    if first is None:
+        return ""
+    stacks: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.stack_info:
+                stacks.append(record.stack_info)
+
+    log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    saved = log.handlers, log.level, log.propagate
+    log.handlers, log.propagate = [Keep()], False  # kept, not printed
+    log.setLevel(logging.INFO)  # (setLevel, unlike an assignment, clears the logger's cache)
+    try:
+        with shape_config.patch(extended_debug_guard_added=str(first)):
+            make_graph()
+    except Exception:  # the diagnosis is a courtesy; the refusal stands without it
+        pass
+    finally:
+        log.handlers, _, log.propagate = saved
+        log.setLevel(saved[1])
+    frames = _FRAME.findall(stacks[0]) if stacks else []
+    torch_dir = Path(torch.__file__).parent
+    here = Path(__file__).parent  # the exporter's own frames (its layer forms) are not news
+    own = [i for i, f in enumerate(frames)
+           if not Path(f[0]).is_relative_to(torch_dir) and not Path(f[0]).is_relative_to(here)]
+    if not own:
+        return ""
+    layers = [f for f in frames[own[-1] + 1:]  # the torch.nn code the model's line called
+              if Path(f[0]).is_relative_to(torch_dir / "nn") and Path(f[0]).name != "module.py"]
+    shown = [f"{Path(file).name}:{line} in {func}: `{shorten(code.strip(), 80)}`"
+             for file, line, func, code in [frames[own[-1]], *layers[-1:]]]
+    return f" (at {', calling '.join(shown)})"
 
 
 def compose(adapt_gm: GraphModule, predict_gm: GraphModule, n_params: int) -> GraphModule:

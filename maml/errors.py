@@ -21,14 +21,19 @@ def gist(exc: BaseException, limit: int = 200, lines: int = 1, typed: bool = Fal
     """
     name = type(exc).__name__
     kept = [line.strip() for line in str(exc).splitlines() if line.strip()][:lines]
-    text = " ".join(kept)
+    text = shorten(" ".join(kept), limit)
     if not text:
         return name
-    if len(text) > limit:
-        cut = text[:limit - 3]
-        space = cut.rfind(" ")
-        text = (cut[:space] if space > limit // 2 else cut).rstrip(" ,;:.") + "..."
     return f"{name}: {text}" if typed else text
+
+
+def shorten(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters at a word, with "..." (never mid-word)."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit - 3]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > limit // 2 else cut).rstrip(" ,;:.") + "..."
 
 
 class UsageError(Exception):

@@ -152,3 +152,17 @@ def transformer_regressor() -> nn.Module:
 def lstm_regressor() -> nn.Module:
     """An LSTM over the tokens (on the CPU, torch runs it as one fused mkldnn operator)."""
     return _Tokens(nn.LSTM(8, 8, batch_first=True))
+
+
+class _PerExample(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def forward(self, x):
+        return torch.stack([self.body(x[i]) for i in range(x.shape[0])])  # a loop over examples
+
+
+def per_example_mlp() -> nn.Module:
+    """A forward that loops over its examples in Python: traced, it fixes their number."""
+    return _PerExample()

@@ -119,8 +119,22 @@ def test_unsupported_operator_is_named(tmp_path, capsys):
                           "--formats", "onnx", "--steps", "1")
     assert code == 2
     assert line == ("error: cannot export to ONNX: operator aten.avg_pool2d_backward has no "
-                    "ONNX translation")
+                    "ONNX translation; --formats torchscript,pt2 writes the other formats")
     assert not [p for p in tmp_path.iterdir() if not p.name.startswith("u.")]
+
+
+def test_a_fixed_number_of_examples_is_refused_with_its_line(tmp_path, capsys):
+    """A forward that loops over its examples in Python cannot take another support size; the
+    refusal points at the line of the model that fixed it."""
+    ckpt = train_one_iteration(tmp_path / "p.pt", "--model", "tests.export_models:per_example_mlp")
+    code, line = run_main(capsys, "--checkpoint", str(ckpt), "--out", str(tmp_path / "a"),
+                          "--formats", "torchscript", "--steps", "1")
+    assert code == 2
+    assert line.startswith("error: the model fixes the number of examples of support_x while "
+                           "tracing (at export_models.py:")
+    assert "in forward: `return torch.stack([self.body(x[i]) for i in range(x.shape[0])])" in line
+    assert line.endswith("; the adapter needs a model whose batch size can vary")
+    assert not (tmp_path / "a").exists()
 
 
 def test_a_random_forward_is_refused(tmp_path, capsys):
