@@ -389,11 +389,42 @@ class CLI:
                           title=title))
 
 
+def command_help(command: str | None) -> str | None:
+    """fire's help for `command` (None: the program), spelled as the options are typed:
+    `--n-way=N_WAY` rather than `--n_way`, `int` rather than `Optional['int | None']`, and
+    without fire's quotes around the program name (None for a name that is not a command)."""
+    import fire.helptext
+    import fire.trace
+
+    component: Any = CLI(frozenset())
+    trace = fire.trace.FireTrace(component, name="python -m maml")
+    if command is not None:
+        if command.startswith("_") or not callable(getattr(CLI, command, None)):
+            return None
+        component = getattr(component, command)
+        trace.AddAccessedProperty(component, command, [command], None, None)
+    text = fire.helptext.HelpText(component, trace=trace)
+    text = text.replace("'python -m maml'", "python -m maml")
+    text = re.sub(r"--(\w+)=", lambda m: "--" + m.group(1).replace("_", "-") + "=", text)
+    text = re.sub(r"Optional\['(.+?)(?: \| None)?'\]", r"\1", text)
+    return re.sub(r"Type: '([^']+)'", r"Type: \1", text)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
 
     def run() -> None:
-        fire.Fire(CLI(check_options(argv)), command=argv, name="python -m maml")
+        given = check_options(argv)
+        before = argv[:argv.index("--") if "--" in argv else len(argv)]
+        text = None
+        if before in (["--help"], ["-h"]):
+            text = command_help(None)
+        elif len(before) > 1 and {"--help", "-h"} & set(before[1:]):
+            text = command_help(before[0])
+        if text is not None:
+            print(text)
+            return
+        fire.Fire(CLI(given), command=argv, name="python -m maml")
 
     code = exit_status(run)
     from maml.distributed import exit_if_abandoned

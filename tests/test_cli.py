@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from maml.__main__ import main
+from maml.__main__ import command_help, main
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "omniglot"
@@ -300,9 +300,26 @@ def test_help_describes_every_option(command):
     described = set(re.findall(r"^\s{12}(\w+): \S", method.__doc__, re.M))
     options = set(inspect.signature(method).parameters) - {"self"}
     assert described == options
+    text = command_help(command)  # spelled as typed: --n-way, not fire's --n_way
+    for name, parameter in inspect.signature(method).parameters.items():
+        if name == "self":
+            continue
+        required = parameter.default is inspect.Parameter.empty  # fire lists it as positional
+        shown = f"    {name.upper()}\n" if required else f"--{name.replace('_', '-')}="
+        assert shown in text, name
+    assert not re.search(r"--\w+_\w+=", text) and "Optional[" not in text
     if command == "eval":
-        shown = run_cli(command, "--help")  # fire writes help to stderr when not on a terminal
-        assert shown.returncode == 0 and "the run to evaluate" in shown.stdout + shown.stderr
+        shown = run_cli(command, "--help")
+        assert shown.returncode == 0 and shown.stdout.strip() == text.strip()
+        assert "the run to evaluate" in shown.stdout and shown.stderr == ""
+
+
+def test_program_help_lists_the_commands():
+    shown = run_cli("--help")
+    assert shown.returncode == 0 and shown.stderr == ""
+    assert shown.stdout.startswith("NAME\n    python -m maml - ")
+    for command in ("train", "eval", "plot"):
+        assert re.search(rf"^\s+{command}$", shown.stdout, re.M), command
 
 
 def test_every_option_of_export_serve_and_reproduce_has_a_help_line():
