@@ -15,7 +15,9 @@ written here from forward operators only:
   the first maximum of each window (PyTorch's tie rule), found with argmax and an equality mask
   on a reshaped view, instead of torch's `scatter_add` decomposition (ScatterElements in ONNX,
   slow in onnxruntime); other max-pool configurations keep torch's decomposition;
-- average pooling with a constant divisor: a depthwise transposed convolution with a box kernel.
+- average pooling with a constant divisor: a depthwise transposed convolution with a box kernel;
+- `empty_permuted` (no ONNX translation), which torch's own `*_like` decompositions emit: an
+  `empty` tensor in the physical order, permuted back.
 
 A decomposition returns `NotImplemented` for a case it does not cover; the operator then stays in
 the graph and the ONNX export names it in its error.
@@ -161,7 +163,17 @@ def adaptive_avg_pool2d_backward(grad_output: Tensor, self: Tensor) -> Tensor:
     return _box_transpose(grad_output, self.shape, kernel, kernel, [0, 0], divisor)
 
 
+def empty_permuted(size: Sequence[int], physical_layout: Sequence[int], **options: Any) -> Tensor:
+    """`empty_permuted` (which torch's decompositions of `ones_like` and `full_like` emit to keep
+    a layout, e.g. in the backward of SiLU on 3-d inputs) as `empty` in the physical order, then
+    `permute` back to the logical one."""
+    order = list(physical_layout)
+    physical = aten.empty.memory_format([size[i] for i in order], **options)
+    return aten.permute.default(physical, [order.index(i) for i in range(len(order))])
+
+
 HAND_WRITTEN: dict[Any, Callable] = {
+    aten.empty_permuted.default: empty_permuted,
     aten.convolution_backward.default: convolution_backward,
     aten.max_pool2d_with_indices_backward.default: max_pool2d_backward,
     aten.avg_pool2d_backward.default: avg_pool2d_backward,

@@ -95,3 +95,16 @@ def test_cross_entropy_is_decomposed_for_onnx():
     assert not any("nll_loss" in op for op in ops(decomposed))
     for n in (10, 3):  # S is dynamic
         torch.testing.assert_close(decomposed(x[:n], y[:n])[0], plain(x[:n], y[:n])[0])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_empty_permuted_is_decomposed(layout):
+    """SiLU's backward on a 3-d or 4-d input goes through `ones_like`, which torch decomposes
+    to `empty_permuted` (no ONNX translation); it must become `empty` + `permute`."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 4) if layout == "contiguous" else \
+        torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    eager, traced, used = traced_grad(lambda t: (F.silu(t) ** 2).sum(), x)
+    torch.testing.assert_close(traced[0], eager[0], rtol=1e-5, atol=1e-5)
+    assert any("empty" in op for op in used)  # the case is exercised, not optimised away
+    assert not [op for op in used if "empty_permuted" in op], used
