@@ -30,6 +30,9 @@ Conventions, documented here and nowhere else:
   mode except the norm layers (`evaluation_mode`): `nn.Dropout` is off, and so is a hand-written
   `F.dropout(x, p, self.training)` or any other `self.training` branch, as after `model.eval()`.
   Batch norm keeps its batch statistics there all the same.
+- Second order differentiates the inner loop's gradients, so meta-training runs attention in its
+  math form (`twice_differentiable`): torch's fused attention kernels have no derivative of their
+  backward. First order and adapting for use keep the fused kernels.
 - Every parameter of the model is adapted and meta-learned. A parameter the forward does not use
   has a zero gradient, so it stays where it is. A frozen parameter (`requires_grad=False`) is
   refused by `check_adaptable`: fixed tensors belong in buffers.
@@ -44,6 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Params = tuple[Tensor, ...]
 """Parameter tensors in the order of `model.named_parameters()`."""
@@ -170,6 +174,18 @@ def use_batch_statistics(model: nn.Module) -> nn.Module:
         if isinstance(module, nn.modules.batchnorm._NormBase):
             module.track_running_stats = False
     return model.train()
+
+
+@contextmanager
+def twice_differentiable(inner: InnerLoop) -> Iterator[None]:
+    """For second-order meta-training: `scaled_dot_product_attention` (in `nn.MultiheadAttention`
+    and the transformer layers) in its math form, whose backward is made of differentiable
+    operators. Every engine's `meta_gradient` runs inside it."""
+    if inner.first_order:
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 @contextmanager

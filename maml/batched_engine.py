@@ -37,6 +37,7 @@ from maml.adaptation import (
     functional_forward,
     step_size_table,
     task_loss,
+    twice_differentiable,
 )
 from maml.exact_norms import ExactNorms
 from maml.tasks import TaskBatch
@@ -314,9 +315,11 @@ class BatchedEngine:
         if self.task_chunk is not None:
             self.chosen_chunk = min(self.task_chunk, total)
         elif self.chosen_chunk is None:
-            self._size_chunks(model, learned_lrs, batch, inner)
-        for a, b in chunk_bounds(total, self.chosen_chunk):
-            self._run_chunk(model, learned_lrs, batch, inner, a, b, total, sums)
+            with twice_differentiable(inner):
+                self._size_chunks(model, learned_lrs, batch, inner)
+        with twice_differentiable(inner):
+            for a, b in chunk_bounds(total, self.chosen_chunk):
+                self._run_chunk(model, learned_lrs, batch, inner, a, b, total, sums)
         stats = {"loss": torch.stack([s[0] for s in sums]).sum() / total}
         if inner.loss == "cross_entropy":
             stats["accuracy"] = torch.stack([s[1] for s in sums]).sum() / total

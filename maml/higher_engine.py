@@ -39,6 +39,7 @@ from maml.adaptation import (
     functional_forward,
     step_size_table,
     task_loss,
+    twice_differentiable,
     use_batch_statistics,
 )
 from maml.errors import UsageError, gist
@@ -142,18 +143,19 @@ def meta_gradient(
     params = tuple(model.parameters())
     grad_fn = autograd_grad(create_graph=not inner.first_order)
     losses, accuracies = [], []
-    for i in range(len(batch)):
-        sx, sy, qx, qy = (t[i] for t in batch.tensors())
-        table = step_size_table(
-            inner.steps, len(params), inner.lr, learned_lrs, params[0].dtype, params[0].device
-        )
-        fast = adapt(forward, params, sx, sy, inner.loss, table, grad_fn)
-        outputs = forward(fast, qx)
-        loss = task_loss(inner.loss, outputs, qy)
-        (loss / len(batch)).backward()
-        losses.append(loss.detach())
-        if inner.loss == "cross_entropy":
-            accuracies.append(accuracy(outputs.detach(), qy))
+    with twice_differentiable(inner):  # attention's fused kernels: no second derivative
+        for i in range(len(batch)):
+            sx, sy, qx, qy = (t[i] for t in batch.tensors())
+            table = step_size_table(
+                inner.steps, len(params), inner.lr, learned_lrs, params[0].dtype, params[0].device
+            )
+            fast = adapt(forward, params, sx, sy, inner.loss, table, grad_fn)
+            outputs = forward(fast, qx)
+            loss = task_loss(inner.loss, outputs, qy)
+            (loss / len(batch)).backward()
+            losses.append(loss.detach())
+            if inner.loss == "cross_entropy":
+                accuracies.append(accuracy(outputs.detach(), qy))
     stats = {"loss": torch.stack(losses).mean()}
     if accuracies:
         stats["accuracy"] = torch.stack(accuracies).mean()

@@ -462,10 +462,51 @@ class SelfAttention(nn.Module):
         return F.scaled_dot_product_attention(h[None], h[None], h[None])[0]
 
 
+class HandAttention(nn.Module):
+    """The same attention in tensor operations: softmax(h h^T / sqrt(d)) h."""
+
+    def forward(self, h):
+        return torch.softmax(h @ h.T / h.shape[-1] ** 0.5, dim=-1) @ h
+
+
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@pytest.mark.parametrize("name", ["higher", "batched", "auto"])
+def test_attention_trains_second_order_on_every_engine(name):
+    """torch's fused attention kernels have no second derivative; meta-training runs attention
+    in its math form, so the second-order meta-gradient is the hand-written attention's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), SelfAttention(), nn.Linear(8, 1)).double()
+    by_hand = nn.Sequential(model[0], HandAttention(), model[2])
+    batch, inner = sine_batch(), InnerLoop("mse", 2, 0.05)
+    engine = SelectedEngine(EngineOptions(name=name), warn=lambda line: None)
+    got, _ = gradient(engine, model, None, batch, inner)
+    expected, _ = gradient(higher_engine, by_hand, None, batch, inner)
+    assert rel(got, expected) <= TOL
+
+
+class OnceDifferentiableSquare(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class OnceDifferentiable(nn.Module):
+    """A custom operation without a second derivative, as compiled extensions often are."""
+
+    def forward(self, h):
+        return OnceDifferentiableSquare.apply(h)
+
+
 def test_a_model_without_a_second_derivative_is_one_line_on_every_engine():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(1, 8), SelfAttention(), nn.Linear(8, 1))
+    model = nn.Sequential(nn.Linear(1, 8), OnceDifferentiable(), nn.Linear(8, 1))
     batch = sine_batch().to("cpu", torch.float32)
     for name in ("higher", "auto", "batched"):
         engine = SelectedEngine(EngineOptions(name=name), warn=lambda line: None)
