@@ -225,9 +225,11 @@ def _where_fixed(env: ShapeEnv, make_graph: Callable[[], object]) -> str:
     again with the question asked; "" where that finds nothing.
     """
     constants = {s for s, v in env.replacements.items() if v.is_number}
-    first = next((g.expr for g in env.guards if g.expr.free_symbols & constants), None)
-    if first is None:
+    touching = [g.expr for g in env.guards if g.expr.free_symbols & constants]
+    equalities = [e for e in touching if getattr(e, "rel_op", None) == "=="]  # `Eq(s0, 10)`
+    if not touching:
         return ""
+    first = (equalities or touching)[0]
     stacks: list[str] = []
 
     class Keep(logging.Handler):
