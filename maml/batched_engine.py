@@ -312,12 +312,11 @@ class BatchedEngine:
         """Add the meta-gradient of `batch` to `.grad`; return the mean loss (and accuracy)."""
         total = len(batch)
         sums: list[tuple[Tensor, Tensor]] = []
-        if self.task_chunk is not None:
-            self.chosen_chunk = min(self.task_chunk, total)
-        elif self.chosen_chunk is None:
-            with twice_differentiable(inner):
+        with twice_differentiable(inner):  # attention's fused kernels: no second derivative
+            if self.task_chunk is not None:
+                self.chosen_chunk = min(self.task_chunk, total)
+            elif self.chosen_chunk is None:
                 self._size_chunks(model, learned_lrs, batch, inner)
-        with twice_differentiable(inner):
             for a, b in chunk_bounds(total, self.chosen_chunk):
                 self._run_chunk(model, learned_lrs, batch, inner, a, b, total, sums)
         stats = {"loss": torch.stack([s[0] for s in sums]).sum() / total}
