@@ -147,7 +147,7 @@ class _UnfusedLinearBias(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch._C._nn.linear:
+        if func is torch._C._nn.linear and len(args) >= 2:  # F.linear(input, weight, bias)
             x, weight, *rest = args
             bias = rest[0] if rest else kwargs.get("bias")
             if bias is not None and x.dim() > 2:
@@ -177,13 +177,13 @@ def trace(
         fakes = [_fake(mode, t, d) for t, d in zip(example, dynamic_inputs(r, entry), strict=True)]
         try:
             with mode, _plain_layers():
-                return make_fx(entry_functions(r)[entry], decomposition_table=decompositions,
-                               tracing_mode="symbolic", _allow_non_fake_inputs=True)(*fakes), \
-                    mode.shape_env
+                gm = make_fx(entry_functions(r)[entry], decomposition_table=decompositions,
+                             tracing_mode="symbolic", _allow_non_fake_inputs=True)(*fakes)
         except UsageError:
             raise
         except Exception as exc:
             raise UsageError(f"cannot trace the adaptation routine: {gist(exc, 300)}") from None
+        return gm, mode.shape_env
 
     gm, env = make_graph()
     fixed = _fixed_input(gm, env, r, entry)
