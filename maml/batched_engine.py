@@ -10,7 +10,8 @@ pure function `step(params, lrs, support, query) -> (gradients, loss, accuracy)`
 sync; `adapt_predict` returns the adapted query outputs.
 
 Exactness: the step runs under `maml.exact_norms.ExactNorms`, because `vmap` of `grad` through
-PyTorch's fused normalisation kernels gives wrong second-order gradients.
+PyTorch's fused normalisation kernels gives wrong second-order gradients, and under
+`maml.plain_recurrent.PlainRecurrent`, because the fused recurrent operators cannot be batched.
 
 Memory: a meta-batch can be run in chunks of `task_chunk` tasks, accumulating the gradient (the
 result is the same meta-gradient). With `task_chunk=None` the chunk is sized on the first batch
@@ -40,6 +41,7 @@ from maml.adaptation import (
     twice_differentiable,
 )
 from maml.exact_norms import ExactNorms
+from maml.plain_recurrent import PlainRecurrent
 from maml.tasks import TaskBatch
 
 
@@ -81,7 +83,7 @@ def meta_step_fn(model: nn.Module, inner: InnerLoop, learned: bool) -> Callable:
             acc = _accuracy(outputs, qy) if classify else torch.zeros_like(loss)
             return loss, acc
 
-        with ExactNorms():
+        with ExactNorms(), PlainRecurrent():
             losses, accs = torch.func.vmap(one_task)(sx, sy, qx, qy)
         return losses.sum() / total, (losses.detach().sum(), accs.detach().sum())
 
@@ -109,7 +111,7 @@ def predict_fn(model: nn.Module, inner: InnerLoop) -> Callable:
     batched = torch.func.vmap(one_task, in_dims=(None, None, 0, 0, 0))
 
     def predict(params: Params, table: Tensor, sx, sy, qx) -> Tensor:
-        with ExactNorms():
+        with ExactNorms(), PlainRecurrent():
             return batched(params, table, sx, sy, qx)
 
     return predict

@@ -484,6 +484,63 @@ def test_attention_trains_second_order_on_every_engine(name):
     assert rel(got, expected) <= TOL
 
 
+class Recurrent(nn.Module):
+    """Each scalar input as 4 tokens of width 6, through a recurrent layer, or a cell looped over
+    the tokens; the last output predicts the target."""
+
+    def __init__(self, body: nn.Module, cell: bool = False) -> None:
+        super().__init__()
+        self.embed, self.body, self.cell = nn.Linear(1, 24), body, cell
+        self.head = nn.LazyLinear(1)
+
+    def forward(self, x):
+        tokens = self.embed(x).reshape(x.shape[0], 4, 6)
+        if not self.cell:
+            out = self.body(tokens)[0][:, -1]
+        else:
+            state = None
+            for t in range(tokens.shape[1]):
+                state = self.body(tokens[:, t], state)
+            out = state[0] if isinstance(state, tuple) else state
+        return self.head(out)
+
+
+RECURRENT = {
+    "lstm-2-layers-bidirectional": lambda: nn.LSTM(6, 5, num_layers=2, bidirectional=True,
+                                                   batch_first=True),
+    "lstm-projections": lambda: nn.LSTM(6, 7, proj_size=3, batch_first=True),
+    "gru": lambda: nn.GRU(6, 5, batch_first=True),
+    "rnn-relu": lambda: nn.RNN(6, 5, nonlinearity="relu", batch_first=True),
+    "lstm-cell": lambda: nn.LSTMCell(6, 5),
+    "gru-cell": lambda: nn.GRUCell(6, 5),
+    "rnn-cell": lambda: nn.RNNCell(6, 5),
+}
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported:UserWarning")
+@pytest.mark.parametrize("name", list(RECURRENT))
+def test_recurrent_layers_run_batched_and_match_the_loop(name):
+    """torch's fused recurrent operators have no vmap batching rule; the batched engine runs them
+    as plain ops (`maml.plain_recurrent`), with the loop's meta-gradient and predictions, and auto
+    keeps it (vmap is the faster engine for them on a CPU too)."""
+    torch.manual_seed(0)
+    model = Recurrent(RECURRENT[name](), cell=name.endswith("cell"))
+    batch = sine_batch()
+    model(batch.support_x[0].float())  # materialise the lazy head
+    model.double()
+    learned = nn.Parameter(torch.full((2, len(list(model.parameters()))), 0.05,
+                                      dtype=torch.float64))
+    inner = InnerLoop("mse", 2, 0.05)
+    expected, _ = gradient(higher_engine, model, learned, batch, inner)
+    lines = []
+    auto = SelectedEngine(EngineOptions(name="auto"), warn=lines.append)
+    got, _ = gradient(auto, model, learned, batch, inner)
+    assert auto.name == "batched" and lines == []
+    assert rel(got, expected) <= TOL
+    predicted = batched_engine.adapt_predict(model, learned, batch, inner)
+    assert rel(predicted, higher_engine.adapt_predict(model, learned, batch, inner)) <= TOL
+
+
 class OnceDifferentiableSquare(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
