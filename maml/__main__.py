@@ -80,13 +80,15 @@ def check_options(argv: list[str]) -> frozenset[str]:
     command = getattr(CLI, argv[0], None) if argv else None
     if command is None:
         return frozenset()  # `python -m maml --help` and the like: fire's own
-    known = [p for p in inspect.signature(command).parameters if p != "self"]
+    parameters = {n: p for n, p in inspect.signature(command).parameters.items() if n != "self"}
+    known = list(parameters)
     is_flag = re.compile(r"^(--|-[a-zA-Z])").match
-    given, rest, value_next = set(), argv[1:], False
+    given, rest, value_next, positional = set(), argv[1:], False, 0
     for i, token in enumerate(rest):
         if token == "--":
             break  # what follows is fire's own flags
         if value_next or not is_flag(token):
+            positional += not value_next
             value_next = False
             continue
         value_next = "=" not in token and i + 1 < len(rest) and not is_flag(rest[i + 1])
@@ -111,7 +113,22 @@ def check_options(argv: list[str]) -> frozenset[str]:
             hint = f"; did you mean --{close[0].replace('_', '-')}?" if close else ""
             raise UsageError(f"`{argv[0]}` has no option --{key.replace('_', '-')}{hint} "
                              f"(see python -m maml {argv[0]} --help)")
+    required = [n for n, p in parameters.items() if p.default is inspect.Parameter.empty]
+    missing = [n for n in required[positional:] if n not in given]
+    if missing and not {"help", "h"} & {t.lstrip("-") for t in rest}:
+        flags = " ".join(f"--{n.replace('_', '-')} {n.upper()}" for n in missing)
+        raise UsageError(f"`{argv[0]}` needs {flags} (see python -m maml {argv[0]} --help)")
     return frozenset(given)
+
+
+def fire_argv(argv: list[str]) -> list[str]:
+    """`argv` as fire reads it. `check_options` accepts `--no-first-order`, the spelling most
+    tools use, but fire knows only `--nofirst-order` and would complain after the whole run:
+    every `--no-NAME` before a `--` becomes `--NAME=False`."""
+    stop = argv.index("--") if "--" in argv else len(argv)
+    negated = re.compile(r"--no[-_]([a-zA-Z][\w-]*)").fullmatch
+    return [f"--{m.group(1)}=False" if i < stop and (m := negated(t)) else t
+            for i, t in enumerate(argv)]
 
 
 def _kwargs(value: Any) -> dict[str, Any]:
@@ -424,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         if text is not None:
             print(text)
             return
-        fire.Fire(CLI(given), command=argv, name="python -m maml")
+        fire.Fire(CLI(given), command=fire_argv(argv), name="python -m maml")
 
     code = exit_status(run)
     from maml.distributed import exit_if_abandoned

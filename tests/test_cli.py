@@ -187,6 +187,22 @@ def test_option_typos_and_wrong_types_stop_before_anything_runs(tmp_path, capsys
     assert torch.load(tmp_path / "2024", weights_only=True)["iteration"] == 2
 
 
+def test_no_dash_switches_and_missing_required_options(tmp_path, capsys):
+    """`--no-first-order` (the spelling `--help` suggests elsewhere) turns a switch off; fire
+    alone would train the whole run and then fail on it. A missing required option is one line
+    before anything runs, not fire's usage block."""
+    ckpt = tmp_path / "m.pt"
+    args = ["--iterations", "2", "--meta-batch-size", "2", "--val-tasks", "2", "--quiet",
+            "--checkpoint", str(ckpt)]
+    assert main(["train", "--first-order", *args]) == 0
+    assert torch.load(ckpt, weights_only=True)["config"]["first_order"] is True
+    assert main(["train", "--no-first-order", "--overwrite", *args]) == 0
+    assert torch.load(ckpt, weights_only=True)["config"]["first_order"] is False
+    capsys.readouterr()
+    assert "`eval` needs --checkpoint CHECKPOINT" in bad(capsys, "eval", "--tasks", "3")
+    assert main(["eval", str(ckpt), "--tasks", "2", "--json"]) == 0  # positional is fine
+
+
 def test_a_path_that_cannot_be_written_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
