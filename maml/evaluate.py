@@ -38,14 +38,16 @@ def summary(values: Tensor) -> dict[str, float | None]:
 
 def eval_batches(source, tasks: int, generator: torch.Generator, split: str = "test",
                  batch_size: int = 25) -> Iterator[TaskBatch]:
-    """The evaluation tasks, in batches: the same seed gives the same tasks to every consumer."""
+    """The evaluation tasks, in batches: the same seed gives the same tasks to every consumer,
+    whatever its batch size (each task is drawn on its own: a sampler draws a batch's random
+    numbers by kind, so drawing 25 at once would give other tasks than 10 + 10 + 5)."""
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     done = 0
     while done < tasks:
-        batch = source.sample(min(batch_size, tasks - done), generator, split)
-        done += len(batch)
-        yield batch
+        drawn = [source.sample(1, generator, split) for _ in range(min(batch_size, tasks - done))]
+        done += len(drawn)
+        yield TaskBatch(*(torch.cat(parts) for parts in zip(*(t.tensors() for t in drawn))))
 
 
 def evaluate(

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import signal
 import sys
 import tempfile
@@ -60,8 +61,10 @@ def select_engine(name: str, cfg: Config | None = None):
 
 
 def paths(ckpt: str | Path) -> dict[str, Path]:
+    """The files of the run at `ckpt`: `<run>.pt` with `<run>.best.pt` and `<run>.metrics.jsonl`
+    beside it. Only `.pt` is dropped: `lr0.01` and `lr0.05` are two runs, not two `lr0`s."""
     ckpt = Path(ckpt)
-    stem = ckpt.with_suffix("")
+    stem = ckpt.with_suffix("") if ckpt.suffix == ".pt" else ckpt
     return {"latest": ckpt, "best": Path(f"{stem}.best.pt"),
             "metrics": Path(f"{stem}.metrics.jsonl")}
 
@@ -76,7 +79,10 @@ def _validate(exp: Experiment, engine, ranks: Ranks = SINGLE) -> dict[str, Any]:
 
 
 def _better(metric: str, new: float, best: float | None) -> bool:
-    if best is None:
+    """Whether validation score `new` beats `best`; a NaN or infinite score never does."""
+    if not math.isfinite(new):
+        return False
+    if best is None or not math.isfinite(best):
         return True
     return new > best if metric == "accuracy" else new < best
 
@@ -206,6 +212,8 @@ def train(
         where["metrics"].parent.mkdir(parents=True, exist_ok=True)
     if main and resume:
         _forget_after(where["metrics"], start)
+    if main and not resume:  # --overwrite: the old run's best must not pose as this run's
+        where["best"].unlink(missing_ok=True)
     log = where["metrics"].open("a" if resume else "w") if main else None
 
     def snapshot(iteration: int) -> dict[str, Any]:
@@ -272,6 +280,10 @@ def train(
                     val = _validate(exp, engine, ranks)
                     t0 += time.perf_counter() - val_start  # the clock counts training only
                     record["val_" + val["metric"]] = val["mean"]
+                    if not math.isfinite(val["mean"]):
+                        say(f"warning: validation {val['metric']} is {val['mean']} at iteration "
+                            f"{done} (adaptation diverges at --eval-inner-steps "
+                            f"{cfg.eval_inner_steps}, step size {cfg.inner_lr}); not kept as best")
                     if _better(val["metric"], val["mean"], metrics["best_val"]):
                         metrics.update(best_val=val["mean"], best_iteration=done)
                         metrics["last"] = record

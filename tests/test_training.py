@@ -10,6 +10,7 @@ import torch
 
 import maml.train
 from maml import checkpoint
+from maml.adaptation import InnerLoop
 from maml.config import Config
 from maml.errors import Stopped, UsageError
 from maml.evaluate import evaluate
@@ -121,6 +122,46 @@ def test_checkpoint_contents_and_best_copy(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert where["latest"].stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def test_run_files_keep_every_dot_of_a_name_without_pt(tmp_path):
+    assert paths(tmp_path / "m.pt")["best"] == tmp_path / "m.best.pt"
+    a, b = paths(tmp_path / "lr0.01"), paths(tmp_path / "lr0.05")
+    assert a["best"] == tmp_path / "lr0.01.best.pt" and a["best"] != b["best"]
+    assert a["metrics"] == tmp_path / "lr0.01.metrics.jsonl" != b["metrics"]
+
+
+def test_overwrite_drops_the_old_runs_best_checkpoint(tmp_path):
+    old = sinusoid_config(tmp_path, iterations=10, inner_lr=0.02)
+    train(old, progress=False)
+    best = paths(old.checkpoint)["best"]
+    assert best.exists()
+    new = sinusoid_config(tmp_path, iterations=50, val_every=1000)
+    train(new, progress=False, overwrite=True, max_minutes=0)  # stops before any validation
+    assert torch.load(old.checkpoint, weights_only=True)["iteration"] == 1
+    assert not best.exists()
+
+
+def test_a_non_finite_validation_score_is_never_the_best():
+    assert not maml.train._better("mse", float("nan"), None)
+    assert not maml.train._better("accuracy", float("inf"), 0.5)
+    assert maml.train._better("mse", 3.0, float("nan"))
+    assert maml.train._better("accuracy", 0.2, float("nan"))
+    assert maml.train._better("mse", 0.1, 0.2) and not maml.train._better("accuracy", 0.1, 0.2)
+
+
+def test_evaluation_tasks_do_not_depend_on_the_batch_size():
+    from maml.tasks.regression import Sinusoid
+
+    def evaluated(batch_size):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        return evaluate(model, None, Sinusoid(5, 5), InnerLoop("mse", 2, 0.01), 7,
+                        torch.Generator().manual_seed(5), batch_size=batch_size)["per_task"]
+
+    whole = evaluated(7)
+    for size in (1, 3):
+        torch.testing.assert_close(evaluated(size), whole, rtol=1e-6, atol=1e-7)
 
 
 def test_non_finite_meta_loss_stops_before_writing_nan_weights(tmp_path):
