@@ -157,6 +157,9 @@ def resumed(saved: Config, requested: Config, given: Collection[str], source: st
         if name in RESUMABLE:
             setattr(merged, name, value)
             continue
+        if name == "model_kwargs" and isinstance(value, dict) and isinstance(before, dict) \
+                and "n_way" in before and "n_way" not in value:
+            value = {**value, "n_way": before["n_way"]}  # older runs stored the n_way added
         same = (resolve_spec(value) == resolve_spec(before) if name == "model" and before
                 else value == before)
         if not same:

@@ -80,13 +80,15 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
-def build(cfg: Config, split: dict[str, torch.Tensor] | None = None) -> Experiment:
-    """A fresh run: seeded model initialisation, tasks, and step sizes."""
+def build(cfg: Config, split: dict[str, torch.Tensor] | None = None,
+          kwargs: dict[str, Any] | None = None) -> Experiment:
+    """A fresh run: seeded model initialisation, tasks, and step sizes. `kwargs` (a
+    checkpoint's) build the model instead of `cfg.model_kwargs` with `n_way` added."""
     check_device(cfg.device)
     source, split = make_source(cfg, split)
     spec = resolve_spec(cfg.model)
     n_way = cfg.n_way if source.kind == "classification" else None
-    kwargs = model_kwargs(spec, cfg.model_kwargs, n_way)
+    kwargs = model_kwargs(spec, cfg.model_kwargs if kwargs is None else kwargs, n_way)
     torch.manual_seed(cfg.seed)
     example = torch.zeros(2, *source.input_shape)
     model = build_model(spec, kwargs, example, source.output_shape).to(cfg.device,
@@ -108,8 +110,8 @@ def restore(state: dict[str, Any], source: str, device: str | None = None) -> Ex
         cfg.device = device
     cfg.check()
     split = state.get("split")
-    cfg.model, cfg.model_kwargs = state["model"]["spec"], state["model"]["kwargs"]
-    exp = build(cfg, split)
+    cfg.model = state["model"]["spec"]  # the user's --model-kwargs stay in cfg as typed
+    exp = build(cfg, split, kwargs=state["model"]["kwargs"])
     load_weights(exp.model, state["model"]["state_dict"], source)
     if exp.inner_lrs is not None:
         if state["inner_lrs"] is None or state["inner_lrs"].shape != exp.inner_lrs.shape:

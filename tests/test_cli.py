@@ -107,10 +107,14 @@ def test_omniglot_train_and_eval(tmp_path, capsys, monkeypatch):
     ckpt = str(tmp_path / "o.pt")
     relative = os.path.relpath(DATA, ROOT)
     monkeypatch.chdir(ROOT)
-    assert main(["train", "--dataset", "omniglot", "--iterations", "2", "--meta-batch-size", "2",
-                 "--model-kwargs", '{"hidden": 8}', "--checkpoint", ckpt, "--val-every", "2",
-                 "--log-every", "1", "--val-tasks", "4", "--data-root", relative, "--quiet"]) == 0
+    args = ["train", "--dataset", "omniglot", "--meta-batch-size", "2", "--model-kwargs",
+            '{"hidden": 8}', "--checkpoint", ckpt, "--val-every", "2", "--log-every", "1",
+            "--val-tasks", "4", "--data-root", relative, "--quiet"]
+    assert main([*args, "--iterations", "1"]) == 0
+    for iterations in ("2", "3"):  # "the same command with --resume", again and again
+        assert main([*args, "--iterations", iterations, "--resume"]) == 0, capsys.readouterr().err
     state = torch.load(ckpt, weights_only=True)
+    assert state["iteration"] == 3 and state["config"]["model_kwargs"] == {"hidden": 8}
     assert set(state["split"]) == {"train", "val", "test"}
     assert state["model"]["kwargs"] == {"hidden": 8, "n_way": 5}
     assert Path(state["config"]["data_root"]).samefile(DATA)
@@ -158,7 +162,8 @@ def test_bad_training_input_is_one_clear_line(tmp_path, capsys):
         assert message in bad(capsys, "train", "--model", f"tests.export_models:{factory}", *ck)
     omni = ["train", "--dataset", "omniglot", *ck]
     assert "only 20 drawings" in bad(capsys, *omni, "--k-shot", "10", "--q-query", "15")
-    assert "exceeds the 423 classes" in bad(capsys, *omni, "--n-way", "424", "--val-chars", "0")
+    assert "exceeds the 423 classes" in bad(capsys, *omni, "--n-way", "424", "--val-chars", "800")
+    assert "--val-chars must be in [1, 1200), got 0" in bad(capsys, *omni, "--val-chars", "0")
     assert "no Omniglot data under" in bad(capsys, *omni, "--data-root", str(tmp_path / "none"))
     assert "no CUDA GPU" in bad(capsys, "train", "--device", "cuda", *ck) or torch.cuda.is_available()
 

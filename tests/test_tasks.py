@@ -105,6 +105,14 @@ def test_missing_data_is_a_clear_error(tmp_path):
         load_raw(tmp_path / "nowhere")
 
 
+def test_npz_arrays_of_the_wrong_shape_are_one_line_not_a_crash_mid_training(tmp_path):
+    for name, chars in (("images_background", 30), ("images_evaluation", 20)):
+        np.savez(tmp_path / f"{name}.npz", images=np.ones((chars, 20, 105, 105), dtype=bool))
+    with pytest.raises(UsageError, match=r"have shapes \(30, 20, 105, 105\) \+ \(20, 20, 105, "
+                                         r"105\), expected \(1623, 20, 105, 105\) together"):
+        load_raw(tmp_path)
+
+
 @pytest.mark.parametrize("split", ["maml", "background"])
 def test_splits_are_disjoint_and_cover_everything(split):
     parts = make_split(split, seed=3, val_chars=50)

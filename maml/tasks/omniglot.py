@@ -34,6 +34,7 @@ from maml.tasks import TaskBatch
 N_BACKGROUND, N_EVALUATION, DRAWINGS, SIDE = 964, 659, 20, 105
 N_CHARACTERS = N_BACKGROUND + N_EVALUATION
 SPLITS = ("maml", "background")
+REFETCH = "re-extract the archives (or fetch them with `python -m maml train --download`)"
 _FILE = re.compile(r"(\d{4})_(\d{2})\.png$")
 
 
@@ -54,8 +55,7 @@ def read_image_folder(folder: Path) -> dict[int, np.ndarray]:
         try:
             pixels = np.asarray(Image.open(png).convert("1"), dtype=bool)
         except (OSError, UnidentifiedImageError) as exc:
-            raise UsageError(f"{png} is not a readable image ({exc}); re-extract the Omniglot "
-                             "archives or pass --download") from None
+            raise UsageError(f"{png} is not a readable image ({exc}); {REFETCH}") from None
         if pixels.shape != (SIDE, SIDE) or not 1 <= drawing <= DRAWINGS:
             raise UsageError(f"{png} is {pixels.shape[1]}x{pixels.shape[0]} (or numbered past "
                              f"{DRAWINGS}); Omniglot drawings are {SIDE}x{SIDE}, 20 per "
@@ -67,8 +67,7 @@ def read_image_folder(folder: Path) -> dict[int, np.ndarray]:
             absent = sorted(set(range(1, DRAWINGS + 1)) - drawings)
             raise UsageError(f"character {char:04d} under {folder} lacks drawings "
                              f"{', '.join(f'{char:04d}_{d:02d}.png' for d in absent[:3])}"
-                             f"{' ...' if len(absent) > 3 else ''}; re-extract the archives or "
-                             "pass --download")
+                             f"{' ...' if len(absent) > 3 else ''}; {REFETCH}")
     return found
 
 
@@ -98,6 +97,12 @@ def load_raw(data_root: str | Path, download: bool = False) -> tuple[np.ndarray,
             parts = [np.load(p)["images"] for p in npz]
         except Exception as exc:
             raise UsageError(f"cannot read Omniglot arrays in {root}: {exc}") from None
+        shape = (N_CHARACTERS, DRAWINGS, SIDE, SIDE)
+        if sum(len(p) for p in parts) != N_CHARACTERS or any(p.shape[1:] != shape[1:] for p in parts):
+            found = " + ".join(str(tuple(p.shape)) for p in parts)
+            raise UsageError(f"the Omniglot arrays in {root} have shapes {found}, expected "
+                             f"{shape} together; re-create the npz files from the upstream "
+                             "folders, or point --data-root at those folders")
         return np.concatenate(parts), "npz"
     folders = [_find_folder(root, f"images_{s}") for s in ("background", "evaluation")]
     if all(folders):
@@ -106,13 +111,13 @@ def load_raw(data_root: str | Path, download: bool = False) -> tuple[np.ndarray,
         if missing:
             raise UsageError(
                 f"Omniglot folders under {root} lack {len(missing)} characters "
-                f"(first id {missing[0]}); re-extract the archives or pass --download"
+                f"(first id {missing[0]}); {REFETCH}"
             )
         return np.stack([chars[c] for c in range(1, N_CHARACTERS + 1)]), "folders"
     raise UsageError(
         f"no Omniglot data under {root}: expected images_background.npz + images_evaluation.npz "
-        "or the images_background/ + images_evaluation/ folders; set --data-root, "
-        "or pass --download to fetch them"
+        "or the images_background/ + images_evaluation/ folders; set --data-root "
+        "(or fetch them: `python -m maml train --download`)"
     )
 
 
@@ -135,8 +140,9 @@ def make_split(split: str, seed: int, val_chars: int) -> dict[str, torch.Tensor]
         test = torch.arange(N_BACKGROUND, N_CHARACTERS)
     else:
         raise UsageError(f"unknown Omniglot split {split!r}; choose one of {', '.join(SPLITS)}")
-    if not 0 <= val_chars < len(trainval):
-        raise UsageError(f"--val-chars must be in [0, {len(trainval)}), got {val_chars}")
+    if not 1 <= val_chars < len(trainval):  # training validates (and keeps its best) on them
+        raise UsageError(f"--val-chars must be in [1, {len(trainval)}), got {val_chars}: "
+                         "training validates on held-out characters")
     cut = len(trainval) - val_chars
     return {"train": trainval[:cut].sort().values, "val": trainval[cut:].sort().values,
             "test": test.sort().values}
