@@ -3,7 +3,7 @@
 Written from the restored run and the traced routine; the layout is the adapter contract
 (`maml-toolkit/adapter-v1`, see the README's Export section). A runtime checks its inputs against
 it: `support_x` / `query_x` of shape `(S, *input.shape)`, `support_y` with `S` entries, class
-labels in `[0, n_way)` (see `export.check_inputs`).
+labels in `[0, n_way)` (see `serve.validation`: `check_support`, `check_query`).
 """
 
 from __future__ import annotations

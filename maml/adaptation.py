@@ -9,7 +9,8 @@ for step `s` and parameter tensor `i`. Every consumer takes that definition from
 the `higher` engine (meta-training), the batched `torch.func` engine, evaluation and export all
 call `adapt` with the same `InnerLoop`, loss and step-size table, so what ships is what was
 trained. They differ only in *how* a gradient is taken (a `GradFn`): `torch.autograd.grad` for the
-`higher` engine, evaluation and export, `torch.func.grad` inside `vmap` for the batched engine.
+`higher` engine and evaluation; `torch.func.grad` for export (traced by `make_fx`) and, inside
+`vmap`, for the batched engine.
 
 Conventions, documented here and nowhere else:
 
