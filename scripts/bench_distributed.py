@@ -93,7 +93,10 @@ def main() -> None:
             r = rows[-1]
             print(f"{name:20s} {n:2d} proc  {r['ms_per_iteration']:9.1f} ms/it  "
                   f"{r['tasks_per_s']:8.1f} tasks/s", flush=True)
-    machine = {"cpu_cores": cores, "platform": platform.platform(), "torch": torch.__version__,
+    from bench_train import cpu_name  # this script's folder is on sys.path when it runs
+
+    machine = {"cpu_cores": cores, "processor": cpu_name(), "platform": platform.platform(),
+               "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name(0) if gpus else None, "gpus": gpus,
                "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

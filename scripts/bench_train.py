@@ -211,7 +211,8 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The processor's name, for the JSON's record of the machine (also bench_distributed's)."""
     try:
         with open("/proc/cpuinfo") as f:
             return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
@@ -246,7 +247,7 @@ def main() -> None:
     devices = [] if args.cuda_only else [torch.device("cpu")]
     if torch.cuda.is_available() and not args.cpu_only:
         devices.append(torch.device("cuda"))
-    machine = {"platform": platform.platform(), "processor": _cpu_name(),
+    machine = {"platform": platform.platform(), "processor": cpu_name(),
                "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
                "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     out = Path(args.out)
