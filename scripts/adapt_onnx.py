@@ -5,8 +5,9 @@
 Draws a new sinusoid (amplitude and phase as in training), adapts on `--shots` points (default:
 the training shot count) and
 prints the query MSE before and after adaptation. `--compare CHECKPOINT` also runs the PyTorch
-inner loop (`maml.higher_engine`) on the same task in a separate process, and prints the largest
-difference between the two; this process itself never imports torch.
+inner loop (`maml.higher_engine`, with the steps and step sizes recorded in `adapter.json`) on
+the same task in a separate process, and prints the largest difference between the two; this
+process itself never imports torch.
 """
 
 from __future__ import annotations
@@ -26,16 +27,34 @@ from serve.validation import Limits, Signature, check_query, check_support  # no
 REFERENCE = """
 import json, sys, numpy as np, torch
 from maml import checkpoint
+from maml.adaptation import InnerLoop
 from maml.experiment import restore
 from maml.higher_engine import adapt_predict
 from maml.tasks import TaskBatch
-ckpt, data, steps, lr = sys.argv[1], np.load(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+ckpt, data, info = sys.argv[1], np.load(sys.argv[2]), json.loads(open(sys.argv[3]).read())
 exp = restore(checkpoint.load(ckpt), ckpt, "cpu")
-inner = exp.cfg.inner_loop(steps)
+table = torch.tensor(info["step_sizes"], dtype=torch.float32)  # the adapter's own steps
+inner = InnerLoop(info["loss"], info["steps"], lr=0.0)
 batch = TaskBatch(*(torch.from_numpy(data[k])[None] for k in ("sx", "sy", "qx", "qy")))
-lrs = None if exp.inner_lrs is None or lr == "constant" else exp.inner_lrs.detach()
-print(json.dumps(adapt_predict(exp.model, lrs, batch, inner)[0].tolist()))
+print(json.dumps(adapt_predict(exp.model, table, batch, inner)[0].tolist()))
 """
+
+
+def read_info(folder: Path) -> dict | str:
+    """The adapter's `adapter.json`, or a one-line reason it cannot be used here."""
+    try:
+        info = json.loads((folder / "adapter.json").read_text())
+    except FileNotFoundError:
+        return (f"{folder} has no adapter.json; give the folder written by "
+                "`python -m export --out`")
+    except (OSError, ValueError) as exc:
+        return f"{folder / 'adapter.json'} cannot be read ({exc}); export the adapter again"
+    if not isinstance(info, dict):
+        return f"{folder / 'adapter.json'} is not a JSON object; export the adapter again"
+    if "onnx" not in info.get("files", {}):
+        return (f"{folder} has no ONNX files (exported with other --formats); export it again "
+                "with --formats onnx")
+    return info
 
 
 def sinusoid_task(rng: np.random.Generator, shots: int, queries: int):
@@ -54,7 +73,10 @@ def main() -> int:
     p.add_argument("--compare", metavar="CHECKPOINT", default=None)
     args = p.parse_args()
     folder = Path(args.adapter)
-    info = json.loads((folder / "adapter.json").read_text())
+    info = read_info(folder)
+    if isinstance(info, str):
+        print(f"error: {info}", file=sys.stderr)
+        return 2
     if info.get("data", {}).get("name") != "sinusoid":
         print(f"error: {folder} is a {info.get('data', {}).get('name', 'non-sinusoid')} adapter; "
               "this script draws sinusoid tasks (use serve.load for others)", file=sys.stderr)
@@ -87,8 +109,7 @@ def main() -> int:
         try:
             done = subprocess.run(
                 [sys.executable, "-c", REFERENCE, str(Path(args.compare).resolve()), str(data),
-                 str(info["steps"]),
-                 info.get("step_sizes_source", "constant")],
+                 str((folder / "adapter.json").resolve())],
                 capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
         finally:
             data.unlink(missing_ok=True)

@@ -45,10 +45,14 @@ def loopback_url(url: str) -> str:
 
 
 def start_server(adapter: str, backend: str, threads: int) -> tuple[subprocess.Popen, str]:
-    """`python -m serve` on a free loopback port; returns the process and its URL."""
+    """`python -m serve` on a free loopback port; returns the process and its URL.
+
+    The child runs in the project folder, so `adapter` is resolved against this process's
+    current folder first."""
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "serve", "--adapter", adapter, "--backend", backend,
-           "--port", "0", "--threads", str(threads), "--no-access-log", "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "serve", "--adapter", str(Path(adapter).resolve()),
+           "--backend", backend, "--port", "0", "--threads", str(threads), "--no-access-log",
+           "--log-level", "warning"]
     proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(root)})
     line = proc.stdout.readline() if proc.stdout else ""

@@ -4,8 +4,10 @@ An image adapter records its preprocessing in `adapter.json` (`maml.images.PREPR
 grayscale in [0, 1] with ink = 1, an area-average resize to 28x28). A user's picture of a drawn
 character is dark ink on light paper, like Omniglot's PNGs, so each image is:
 
-1. decoded with Pillow (PNG or JPEG only; at most `MAX_PIXELS` pixels, against decompression
-   bombs), transparent pixels composited onto white paper;
+1. decoded with Pillow (PNG or JPEG only; at most `MAX_PIXELS` pixels each and
+   `MAX_TOTAL_PIXELS` per call, both read from the headers before anything is decoded, against
+   decompression bombs), turned upright by its EXIF orientation (phone photos), 16-bit
+   grayscale scaled to 8 bits, transparent pixels composited onto white paper;
 2. converted to grayscale and padded with paper to a centred square, so the resize keeps the
    character's aspect ratio (Omniglot's own images are square, so they are unchanged);
 3. mapped to ink values and box-resized with `maml.images` (numpy only), exactly as training
@@ -26,6 +28,10 @@ from maml.errors import UsageError
 from maml.images import preprocess_grayscale
 
 MAX_PIXELS = 4096 * 4096
+# per image set (support_x or query_x): 1000 Omniglot images (105x105, 11M pixels) or five
+# 12-megapixel photos fit; decoding this many pixels takes about a second of CPU
+MAX_TOTAL_PIXELS = 4 * MAX_PIXELS
+WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grayscale PNGs
 FORMATS = ("PNG", "JPEG")
 ImageSource = bytes | bytearray | memoryview | str | PathLike
 
@@ -63,26 +69,67 @@ def _read(source: ImageSource, index: int) -> bytes:
         raise UsageError(f"image {index} ({path}) cannot be read: {exc.strerror}") from None
 
 
-def grayscale_pixels(data: bytes, index: int = 0) -> np.ndarray:
-    """Decode PNG / JPEG bytes to a square uint8 grayscale array, paper = 255."""
+def _unreadable(exc: Exception, index: int) -> UsageError:
+    reason = (str(exc) or type(exc).__name__).split(" <_io.")[0]  # not the buffer's repr
+    return UsageError(f"image {index} is not a readable PNG or JPEG ({reason})")
+
+
+def image_size(data: bytes, index: int = 0) -> tuple[int, int]:
+    """`(width, height)` from the image's header (nothing is decoded), within `MAX_PIXELS`."""
     from PIL import Image  # Pillow only when images are sent
 
     try:
         with Image.open(io.BytesIO(data), formats=FORMATS) as image:
-            if image.width * image.height > MAX_PIXELS or min(image.size) < 1:
-                raise UsageError(f"image {index} is {image.width}x{image.height}; send images "
-                                 f"of at most {MAX_PIXELS} pixels")
+            width, height = image.size
+    except Exception as exc:  # Pillow raises many types (SyntaxError, EOFError, ...) on bad data
+        raise _unreadable(exc, index) from None
+    if width * height > MAX_PIXELS or min(width, height) < 1:
+        raise UsageError(f"image {index} is {width}x{height}; send images of at most "
+                         f"{MAX_PIXELS} pixels")
+    return width, height
+
+
+def check_pixel_budget(images: Sequence[bytes]) -> None:
+    """Refuse a set of images whose headers add up to more than `MAX_TOTAL_PIXELS` pixels."""
+    total = 0
+    for i, data in enumerate(images):
+        width, height = image_size(data, i)
+        total += width * height
+    if total > MAX_TOTAL_PIXELS:
+        raise UsageError(f"the {len(images)} images have {total} pixels in all, over the limit "
+                         f"of {MAX_TOTAL_PIXELS}; send fewer or smaller images")
+
+
+def _eight_bit_gray(image: Any) -> Any:
+    """A 16-bit (or 32-bit integer) grayscale image as 8-bit "L", scaled, not clipped."""
+    from PIL import Image
+
+    wide = np.asarray(image, dtype=np.int64)
+    gray = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)  # 65535 -> 255
+    transparent = image.info.get("transparency")
+    if isinstance(transparent, int):
+        gray[wide == transparent] = 255  # the transparent value shows the paper
+    return Image.fromarray(gray, "L")
+
+
+def grayscale_pixels(data: bytes, index: int = 0) -> np.ndarray:
+    """Decode PNG / JPEG bytes to a square uint8 grayscale array, paper = 255."""
+    from PIL import Image, ImageOps  # Pillow only when images are sent
+
+    image_size(data, index)
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as image:
             image.load()
+            image = ImageOps.exif_transpose(image)  # upright, as the camera's EXIF says
+            if image.mode in WIDE_GRAY_MODES:
+                image = _eight_bit_gray(image)
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 rgba = image.convert("RGBA")
                 paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 image = Image.alpha_composite(paper, rgba)
             gray = np.asarray(image.convert("L"), dtype=np.uint8)
-    except UsageError:
-        raise
     except Exception as exc:  # Pillow raises many types (SyntaxError, EOFError, ...) on bad data
-        reason = (str(exc) or type(exc).__name__).split(" <_io.")[0]  # not the buffer's repr
-        raise UsageError(f"image {index} is not a readable PNG or JPEG ({reason})") from None
+        raise _unreadable(exc, index) from None
     h, w = gray.shape
     side = max(h, w)
     square = np.full((side, side), 255, dtype=np.uint8)
@@ -100,9 +147,11 @@ def images_to_inputs(
     assert preprocessing is not None
     size = int(preprocessing["size"])
     ink, paper = float(preprocessing.get("ink", 1.0)), float(preprocessing.get("background", 0.0))
-    out = np.empty((len(sources), 1, size, size), dtype=np.float32)
-    for i, source in enumerate(sources):
-        darkness = preprocess_grayscale(grayscale_pixels(_read(source, i), i), size,
+    images = [_read(source, i) for i, source in enumerate(sources)]
+    check_pixel_budget(images)  # from the headers, before any image is decoded
+    out = np.empty((len(images), 1, size, size), dtype=np.float32)
+    for i, data in enumerate(images):
+        darkness = preprocess_grayscale(grayscale_pixels(data, i), size,
                                         ink_is_dark=True)  # in [0, 1], 1 where the ink is
         out[i, 0] = paper + (ink - paper) * darkness
     return out

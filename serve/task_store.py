@@ -9,6 +9,7 @@ background thread is needed. An evicted or unknown id simply is not there (the s
 
 from __future__ import annotations
 
+import math
 import secrets
 import threading
 import time
@@ -30,8 +31,9 @@ class TaskStore(Generic[T]):
     ) -> None:
         if max_tasks < 1:
             raise UsageError(f"--max-tasks must be at least 1, got {max_tasks}")
-        if ttl_s <= 0:
-            raise UsageError(f"--task-ttl must be positive, got {ttl_s}")
+        if not (math.isfinite(ttl_s) and ttl_s > 0):
+            raise UsageError(f"--task-ttl must be a positive, finite number of seconds, got "
+                             f"{ttl_s}")
         self.max_tasks, self.ttl_s, self.clock = max_tasks, ttl_s, clock
         self._entries: OrderedDict[str, tuple[T, float]] = OrderedDict()
         self._lock = threading.Lock()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import struct
 import sys
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def decode(data: bytes) -> dict[str, np.ndarray]:
             pos += 4 + length
             code, ndim = struct.unpack_from("<BB", data, pos)
             shape = struct.unpack_from(f"<{ndim}q", data, pos + 2)
+            if any(d < 0 for d in shape):
+                raise ValueError(f"tensor {name!r} has a negative dimension in {shape}")
             pos += 2 + 8 * ndim
             dtype = CODE_DTYPES[code].newbyteorder("<")
             size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -92,6 +95,22 @@ def _storable(array: np.ndarray) -> np.ndarray:
     raise UsageError(f"cannot store a {array.dtype} array; use float or integer arrays")
 
 
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of the `.npz` archive at `path`, each storable (float32 or int64)."""
+    with open(path, "rb") as file:
+        head = file.read(6)
+    if not head.startswith(b"PK"):  # every .npz is a zip archive
+        what = "a single .npy array, not" if head == b"\x93NUMPY" else "not a zip file, so not"
+        raise UsageError(f"{path} is {what} an .npz archive; save the task with "
+                         "np.savez(path, support_x=..., support_y=..., query_x=...)")
+    try:
+        with np.load(path) as npz:
+            return {name: _storable(npz[name]) for name in npz.files}
+    except zipfile.BadZipFile as exc:
+        raise UsageError(f"{path} is a damaged .npz archive ({exc}); write it again with "
+                         "np.savez") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m serve.tensor_file IN.npz OUT.bin`: store an npz's arrays for the C++ example."""
     args = sys.argv[1:] if argv is None else argv
@@ -99,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m serve.tensor_file IN.npz OUT.bin", file=sys.stderr)
         return 2
     try:
-        with np.load(args[0]) as npz:
-            arrays = {name: _storable(npz[name]) for name in npz.files}
+        arrays = read_npz(args[0])
         save(args[1], arrays)
     except (OSError, ValueError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)

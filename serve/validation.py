@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -68,6 +69,24 @@ def check_size(value: Any, name: str, limit: int, limit_name: str) -> None:
                          f"({limit_name}); split the request or raise the limit")
 
 
+def _contains_bool(value: Any) -> bool:
+    """True when nested lists hold a boolean (numpy would silently read it as 0 or 1)."""
+    level = [value]
+    while level:  # one nesting level at a time, each scanned by C-level map / chain
+        kinds = set(map(type, level))
+        if bool in kinds or np.bool_ in kinds:
+            return True
+        if not kinds & {list, tuple, np.ndarray}:
+            return False
+        lists = [v for v in level if isinstance(v, list | tuple)]
+        arrays = [v for v in level if isinstance(v, np.ndarray)]
+        if any(a.dtype == np.bool_ for a in arrays):
+            return True
+        level = list(chain.from_iterable(lists))
+        level += [a.tolist() for a in arrays if a.dtype == object]
+    return False
+
+
 def _numbers(value: Any, name: str, expected: str = "real numbers") -> np.ndarray:
     """`value` as a numeric numpy array, or a clear error for ragged / non-numeric data."""
     try:
@@ -82,6 +101,9 @@ def _numbers(value: Any, name: str, expected: str = "real numbers") -> np.ndarra
                  "c": "complex"}
         kind = kinds.get(array.dtype.kind, str(array.dtype))
         raise UsageError(f"{name} must hold {expected}, got {kind} values")
+    if not isinstance(value, np.ndarray) and _contains_bool(value):
+        raise UsageError(f"{name} must hold {expected}, got boolean values (true / false); "
+                         "send numbers")
     return array
 
 

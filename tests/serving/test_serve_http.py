@@ -135,6 +135,10 @@ def test_bad_requests_get_4xx_with_a_json_error(image_service, omniglot):
         (json.dumps({**task, "query_x": ["bm90IGFuIGltYWdl", *qx[1:]]}).encode(), 422,
          "query_x mixes base64 images and arrays"),
         (json.dumps({**task, "query_x": ["/etc/passwd"]}).encode(), 422, "not"),
+        (json.dumps({**task, "support_y": [False, True, 2, 3, 4]}).encode(), 422,
+         "support_y must hold integer class indices 0..4, got boolean values"),
+        (json.dumps({**task, "query_x": [[[[True] + row[1:] for row in qx[0][0]]], *qx[1:]]})
+         .encode(), 422, "query_x must hold real numbers, got boolean values"),
     ]
     for body, status, message in cases:
         r = httpx.post(url, content=body, headers={"content-type": "application/json"},
@@ -212,6 +216,8 @@ def test_command_line_errors_are_one_line(tmp_path, sine):
         ([*adapter, "--threads", "0"], "must be >= 1"),
         ([*adapter, "--intra-op-threads", "-1"], "--intra-op-threads must be >= 0"),
         ([*adapter, "--port", "99999"], "pick another --port"),
+        ([*adapter, "--task-ttl", "inf"], "--task-ttl must be a positive, finite number"),
+        ([*adapter, "--task-ttl", "nan"], "--task-ttl must be a positive, finite number"),
     ):
         result = subprocess.run([sys.executable, "-m", "serve", *args], cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)
@@ -240,6 +246,17 @@ def test_load_test_script_reports_no_errors(sine, tmp_path):
                               "http://192.0.2.1:8000"], cwd=ROOT, capture_output=True,
                              text=True, timeout=60)
     assert refused.returncode != 0 and "not a loopback address" in refused.stderr
+
+
+def test_load_test_script_resolves_a_relative_adapter_from_the_callers_folder(sine):
+    """The service it starts runs in the project folder; the path is the caller's."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "load_test.py"), "--adapter",
+         sine.directory.name, "--clients", "1", "--duration", "0.5"],
+        cwd=sine.directory.parent, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "p99 ms" in result.stdout
 
 
 def test_listening_socket_disables_nagle():

@@ -90,3 +90,50 @@ def test_bad_images_are_refused_clearly(tmp_path, monkeypatch):
         images_to_inputs([b""], None, (1,))
     with pytest.raises(UsageError, match=r"adapter takes \(3, 28, 28\)"):
         images_to_inputs([b""], PREPROCESSING, (3, 28, 28))
+
+
+def stroke() -> np.ndarray:
+    """A grey L-shaped stroke on white paper, asymmetric so rotations show."""
+    gray = np.full((56, 56), 255, np.uint8)
+    gray[8:44, 10:18] = 40
+    gray[36:44, 10:40] = 90
+    return gray
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped():
+    """A 16-bit PNG gives the same input as its 8-bit version (Pillow's "L" would clip it)."""
+    gray = stroke()
+    wide = Image.fromarray(gray.astype(np.uint16) * 257)  # mode I;16, 65535 = white
+    assert wide.mode == "I;16"
+    got = images_to_inputs([png(wide), png(Image.fromarray(gray))], PREPROCESSING, SHAPE)
+    assert got[1, 0].max() > 0.5  # the 8-bit version has ink
+    np.testing.assert_allclose(got[0, 0], got[1, 0], atol=1 / 255)
+
+
+@pytest.mark.parametrize("fmt, atol", [("PNG", 1e-6), ("JPEG", 0.05)])
+def test_exif_orientation_is_applied(fmt, atol):
+    """A phone photo stored sideways with EXIF Orientation 6 is read upright."""
+    upright = Image.fromarray(stroke())
+    expected = images_to_inputs([png(upright)], PREPROCESSING, SHAPE)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    upright.transpose(Image.Transpose.ROTATE_90).save(buf, format=fmt, exif=exif)
+    got = images_to_inputs([buf.getvalue()], PREPROCESSING, SHAPE)
+    np.testing.assert_allclose(got, expected, atol=atol)
+
+
+def test_total_pixels_per_set_are_bounded_before_decoding(monkeypatch):
+    """Many large images in one call are refused from their headers, before any decoding."""
+    assert 1000 * 105 * 105 < image_input.MAX_TOTAL_PIXELS  # a full set of Omniglot PNGs fits
+    monkeypatch.setattr(image_input, "MAX_TOTAL_PIXELS", 1000)
+    images = [png(Image.new("L", (20, 20), 255))] * 3  # 1200 pixels in all
+    assert images_to_inputs(images[:2], PREPROCESSING, SHAPE).shape == (2, 1, 28, 28)
+
+    def no_decoding(data: bytes, index: int = 0) -> np.ndarray:
+        raise AssertionError("decoded before the pixel budget was checked")
+
+    monkeypatch.setattr(image_input, "grayscale_pixels", no_decoding)
+    with pytest.raises(UsageError, match="the 3 images have 1200 pixels in all, over the limit "
+                                         "of 1000; send fewer or smaller images"):
+        images_to_inputs(images, PREPROCESSING, SHAPE)

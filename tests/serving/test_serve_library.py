@@ -209,3 +209,37 @@ def test_adapt_onnx_script_matches_the_inner_loop_from_any_folder(sine):
     bad = subprocess.run([sys.executable, str(script), rel_adapter, "--shots", "0"], cwd=here,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --shots and --queries must be >= 1"
+
+
+def test_adapt_onnx_script_compares_with_the_adapters_own_step_sizes(sine, tmp_path):
+    """An adapter exported with its own --inner-lr is compared with that step size, not the
+    checkpoint's."""
+    out = tmp_path / "lr05"
+    export = subprocess.run(
+        [sys.executable, "-m", "export", "--checkpoint", str(sine.checkpoint), "--out", str(out),
+         "--inner-lr", "0.05", "--steps", "2", "--formats", "onnx", "--no-verify"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stderr
+    own = json.loads((out / "adapter.json").read_text())["step_sizes"][0][0]
+    assert own == pytest.approx(0.05) and sine.meta["step_sizes"][0][0] != pytest.approx(0.05)
+    script = ROOT / "scripts" / "adapt_onnx.py"
+    done = subprocess.run([sys.executable, str(script), str(out), "--shots", "5", "--compare",
+                           str(sine.checkpoint)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    diff = float(done.stdout.split("max |difference| to the PyTorch inner loop: ")[1].split()[0])
+    assert diff < 1e-4
+
+
+def test_adapt_onnx_script_refuses_a_missing_or_onnx_less_adapter(sine, tmp_path):
+    meta = json.loads((sine.directory / "adapter.json").read_text())
+    del meta["files"]["onnx"]
+    (tmp_path / "adapter.json").write_text(json.dumps(meta))
+    script = ROOT / "scripts" / "adapt_onnx.py"
+    for folder, message in ((tmp_path / "missing", "has no adapter.json; give the folder "
+                                                   "written by `python -m export --out`"),
+                            (tmp_path, "has no ONNX files")):
+        done = subprocess.run([sys.executable, str(script), str(folder)], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith(f"error: {folder} ") and message in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr

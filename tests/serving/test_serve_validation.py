@@ -117,3 +117,51 @@ def test_tensor_file_command_converts_an_npz(tmp_path, capsys):
     np.testing.assert_allclose(back["support_x"], images(2), atol=1e-7)
     assert tensor_file.main([str(tmp_path / "missing.npz"), str(tmp_path / "x.bin")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "message"),
+    [
+        (images(5), [False, True, 2, 2, 1], r"support_y must hold integer class indices 0..2, "
+                                            r"got boolean values"),
+        ([[True], [0.5]], [[1.0], [2.0]], r"support_x must hold real numbers, got boolean"),
+        ([[0.5], [1.5]], [[1.0], [np.True_]], r"support_y must hold real numbers, got boolean"),
+        ([np.array([0.5]), np.array([True])], [[1.0], [2.0]], r"support_x .* got boolean"),
+    ],
+)
+def test_booleans_mixed_with_numbers_are_refused(x, y, message):
+    """numpy reads [False, True, 2] as integers; a JSON true is still not a number."""
+    sig = IMAGE if len(x) == 5 else SINE
+    with pytest.raises(UsageError, match=message):
+        check_support(x, y, sig, LIMITS)
+
+
+def test_task_store_refuses_a_non_finite_ttl():
+    for ttl in (float("inf"), float("nan"), 0.0, -1.0):
+        with pytest.raises(UsageError, match="--task-ttl must be a positive, finite number"):
+            TaskStore(ttl_s=ttl)
+
+
+def test_tensor_file_refuses_negative_dimensions():
+    data = bytearray(tensor_file.encode({"x": np.zeros(3, np.float32)}))
+    shape_at = 8 + 4 + 4 + 1 + 2  # magic, count, name length, b"x", dtype and ndim
+    data[shape_at : shape_at + 8] = (-1).to_bytes(8, "little", signed=True)
+    with pytest.raises(UsageError, match=r"corrupt tensor file \(tensor 'x' has a negative "
+                                         r"dimension in \(-1,\)\)"):
+        tensor_file.decode(bytes(data))
+
+
+def test_tensor_file_command_names_a_file_that_is_not_an_npz(tmp_path, capsys):
+    np.save(tmp_path / "task.npy", images(2))
+    (tmp_path / "text.npz").write_text("support_x = [1, 2]\n")
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 truncated")
+    for name, message in (
+        ("task.npy", "task.npy is a single .npy array, not an .npz archive; save the task with "
+                     "np.savez("),
+        ("text.npz", "text.npz is not a zip file, so not an .npz archive"),
+        ("broken.npz", "broken.npz is a damaged .npz archive"),
+    ):
+        assert tensor_file.main([str(tmp_path / name), str(tmp_path / "out.bin")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out.bin").exists()
