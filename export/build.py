@@ -104,6 +104,8 @@ def export_checkpoint(
         raise UsageError(f"--tasks must be >= 1, got {tasks}")
     if inner_lr is not None and not (math.isfinite(inner_lr) and inner_lr > 0):
         raise UsageError(f"--inner-lr must be a finite number > 0, got {inner_lr}")
+    every_file = [INIT, *(n for per in file_names(FORMATS).values() for n in per.values())]
+    bundle.check_target(out, every_file)
     state = checkpoint.load(checkpoint_path)
     if data_root is not None:
         state["config"] = {**state["config"], "data_root": data_root}
@@ -116,7 +118,6 @@ def export_checkpoint(
     lr = exp.cfg.inner_lr if inner_lr is None else inner_lr
     inner = InnerLoop(exp.cfg.loss, int(r.step_sizes.shape[0]), lr)
     info = facts(exp, r, inner_lr, n_way, list(task[1].shape[1:]))
-    every_file = [INIT, *(n for per in file_names(FORMATS).values() for n in per.values())]
     with bundle.staging(Path(out), every_file) as folder:
         log(f"exporting {checkpoint_path} ({exp.model_spec}, {inner.steps} steps, "
             f"{'learned step sizes' if learned is not None else f'step size {lr:g}'}) to {out}")

@@ -19,19 +19,26 @@ from maml.errors import UsageError
 MARKER = "adapter.json"
 
 
-def _check_target(out: Path, owned: Collection[str]) -> None:
+def check_target(out: str | Path, owned: Collection[str] = ()) -> None:
+    """Refuse an `out` that an export may not replace (also done by `staging`; call it first to
+    fail before the slow work)."""
+    given, out = str(out), Path(os.path.abspath(out))  # "." has no name or parent to build beside
+    cwd = Path.cwd()
+    if out == cwd or out in cwd.parents:
+        raise UsageError(f"--out {given} is or holds the current folder, which the export would "
+                         "replace whole; give a new folder, such as --out adapter")
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder for the adapter")
+        raise UsageError(f"--out {given} is a file; give a folder for the adapter")
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not (out / MARKER).is_file():
-        raise UsageError(f"--out {out} is a non-empty folder without {MARKER}; "
+        raise UsageError(f"--out {given} is a non-empty folder without {MARKER}; "
                          "choose a new or empty folder (an existing adapter is replaced)")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in {MARKER, *owned})
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
                                           else "")
-        raise UsageError(f"--out {out} holds files an export does not write ({shown}); the "
+        raise UsageError(f"--out {given} holds files an export does not write ({shown}); the "
                          "adapter replaces the whole folder, so move them out or choose "
                          "another --out")
 
@@ -42,8 +49,8 @@ def staging(out: Path, owned: Collection[str] = ()) -> Iterator[Path]:
 
     `owned`: the file names an export writes (besides adapter.json), the only ones an existing
     `out` may hold."""
-    out = Path(out)
-    _check_target(out, owned)
+    check_target(out, owned)
+    out = Path(os.path.abspath(out))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

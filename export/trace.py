@@ -10,8 +10,8 @@ fixed by the model. The meta-learned init and the step-size table become constan
 Three layers are traced in an equivalent form whose backward is made of plain operators:
 attention in its math form (the CPU's fused kernel has a backward operator ONNX cannot express),
 recurrent layers without mkldnn (`mkldnn_rnn_layer`, likewise), and a biased linear layer on
-3-d inputs with the bias added separately (`_UnfusedLinearBias`). Each differs from the trained
-forward by float32 rounding at most, which `export.verify` measures.
+inputs of 3 or more dimensions with the bias added separately (`_UnfusedLinearBias`). Each
+differs from the trained forward by float32 rounding at most, which `export.verify` measures.
 """
 
 from __future__ import annotations

@@ -78,7 +78,38 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     missing = [key for key in REQUIRED if key not in state]
     if missing:
         raise UsageError(f"{path} is an incomplete checkpoint: missing {', '.join(missing)}")
+    problem = config_problem(state["config"])
+    if problem:
+        raise UsageError(f"{path} is an incomplete or corrupt checkpoint: {problem}; use "
+                         "another checkpoint of the run or train again")
     return state
+
+
+def config_problem(config: object) -> str | None:
+    """What makes a checkpoint's config unusable (not a dict, or a setting of the wrong type),
+    or None."""
+    import dataclasses
+    import types
+    import typing
+
+    from maml.config import Config
+
+    if not isinstance(config, dict):
+        return f"its config is a {type(config).__name__}, not a dict of settings"
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        if f.name not in config:
+            continue
+        hint, value = hints[f.name], config[f.name]
+        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        kinds = tuple(typing.get_origin(a) or a for a in allowed)
+        if float in kinds:
+            kinds += (int,)  # an int is a fine float setting
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            wanted = " or ".join("None" if k is type(None) else k.__name__ for k in kinds
+                                 if not (k is int and float in kinds))
+            return f"config[{f.name!r}] is {value!r:.40}, not {wanted}"
+    return None
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:

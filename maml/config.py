@@ -55,7 +55,7 @@ class Config:
     device: str = "cpu"
     engine: str = "auto"
     # batched engine (maml.engine_select): chunk of tasks (None: sized to the memory budget)
-    task_chunk: int | None = None
+    task_chunk: int | str | None = None  # a number of tasks, or "auto"
     memory_budget_mb: float | None = None
     compile: bool = False
     cuda_graphs: bool = False

@@ -40,8 +40,11 @@ class UsageError(Exception):
     """Bad input from the user: the message names the problem and, where there is one, the fix."""
 
 
-class Stopped(Exception):
-    """The user (Ctrl-C) or a scheduler (SIGTERM) stopped a run; the message says what was kept."""
+class Stopped(BaseException):
+    """The user (Ctrl-C) or a scheduler (SIGTERM) stopped a run; the message says what was kept.
+
+    A `BaseException`, like `KeyboardInterrupt`, so that no `except Exception` (ours or a
+    library's, such as torch.onnx trying its next strategy) turns a stop into an error."""
 
     def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
         super().__init__(message)

@@ -11,11 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import export.build
 import export.trace
 from export.__main__ import main
 from maml.__main__ import main as maml_main
+from maml.errors import Stopped
 
 ROOT = Path(__file__).resolve().parents[1]
+OMNIGLOT_CKPT = ROOT / "tests" / "fixtures" / "page_omniglot_5w1s.pt"
 
 
 def train_one_iteration(path: Path, *args: str) -> Path:
@@ -194,3 +197,67 @@ def test_sigterm_mid_export_leaves_nothing_behind(tmp_path, sinusoid_ckpt):
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1] == "stopped: terminated (SIGTERM)"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("formats, module, name", [
+    ("onnx", torch.export, "export"),  # torch.onnx catches Exception to try its next strategy
+    ("pt2", torch.export, "export"),
+    ("torchscript", torch.jit, "script"),
+    ("torchscript", export.trace, "make_fx"),
+])
+def test_a_stop_inside_a_library_call_is_a_stop_not_an_error(tmp_path, sinusoid_ckpt, capsys,
+                                                              monkeypatch, formats, module, name):
+    """SIGTERM raises `Stopped` wherever Python is; no `except Exception` may turn it into an
+    export error (exit 2) instead of a stop (exit 143)."""
+    def terminated(*args, **kwargs):
+        raise Stopped("terminated (SIGTERM)", signal.SIGTERM)
+
+    monkeypatch.setattr(module, name, terminated)
+    code, line = run_main(capsys, "--checkpoint", str(sinusoid_ckpt), "--out",
+                          str(tmp_path / "a"), "--formats", formats, "--no-verify")
+    assert (code, line) == (143, "stopped: terminated (SIGTERM)")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("out", [".", "sub/.."])
+def test_the_current_folder_as_out_is_refused_up_front(tmp_path, sinusoid_ckpt, capsys,
+                                                       monkeypatch, out):
+    """`--out .` has no parent to build beside and would replace the folder the user is in."""
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(export.build, "write_formats", None)  # never reached
+    code, line = run_main(capsys, "--checkpoint", str(sinusoid_ckpt), "--out", out,
+                          "--formats", "torchscript", "--no-verify")
+    assert code == 2 and line == (f"error: --out {out} is or holds the current folder, which "
+                                  "the export would replace whole; give a new folder, such as "
+                                  "--out adapter")
+    assert [p.name for p in tmp_path.iterdir()] == ["sub"]
+
+
+def test_missing_omniglot_data_names_an_option_export_has(tmp_path, capsys):
+    """export has --data-root but no --download: the hint may not send the user to a flag it
+    would refuse."""
+    missing = tmp_path / "nowhere"
+    code, line = run_main(capsys, "--checkpoint", str(OMNIGLOT_CKPT), "--data-root",
+                          str(missing), "--out", str(tmp_path / "a"))
+    assert code == 2 and line.startswith(f"error: no Omniglot data under {missing}: ")
+    assert "--data-root" in line and "pass --download" not in line, line
+
+
+@pytest.mark.parametrize("corrupt, problem", [
+    (lambda s: s["config"].update(eval_inner_steps="x"),
+     "config['eval_inner_steps'] is 'x', not int or None"),
+    (lambda s: s.update(config="oops"), "its config is a str, not a dict of settings"),
+    (lambda s: s["config"].update(dataset=3), "config['dataset'] is 3, not str"),
+])
+def test_a_config_with_bad_values_is_a_corrupt_checkpoint(tmp_path, sinusoid_ckpt, capsys,
+                                                          corrupt, problem):
+    state = torch.load(sinusoid_ckpt, weights_only=True)
+    corrupt(state)
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    code, line = run_main(capsys, "--checkpoint", str(bad), "--out", str(tmp_path / "a"),
+                          "--formats", "torchscript", "--data-root", str(tmp_path))
+    assert code == 2 and line == (f"error: {bad} is an incomplete or corrupt checkpoint: "
+                                  f"{problem}; use another checkpoint of the run or train again")
+    assert list(tmp_path.iterdir()) == [bad]

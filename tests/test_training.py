@@ -124,6 +124,14 @@ def test_checkpoint_contents_and_best_copy(tmp_path):
     assert where["latest"].stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
+def test_every_setting_a_run_stores_loads_back(tmp_path):
+    """`checkpoint.load` checks the config's types; what training itself stores must pass."""
+    cfg = sinusoid_config(tmp_path, iterations=2, task_chunk="auto", grad_clip=1.0,
+                          memory_budget_mb=100.0, model_kwargs={"hidden": 8})
+    train(cfg, progress=False)
+    assert checkpoint.load(cfg.checkpoint)["config"]["task_chunk"] == "auto"
+
+
 def test_run_files_keep_every_dot_of_a_name_without_pt(tmp_path):
     assert paths(tmp_path / "m.pt")["best"] == tmp_path / "m.best.pt"
     a, b = paths(tmp_path / "lr0.01"), paths(tmp_path / "lr0.05")
