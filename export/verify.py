@@ -22,7 +22,7 @@ onnxruntime adapter 5.5e-4 from the reference (which was 7e-6 from float64) was 
 On a later 20-way checkpoint the float64 loop hardly moved with the images (9e-6) but moved by
 1.8e-3 with the weights, as far as its onnxruntime adapter was from the reference (which was
 6e-6 from float64). A wrong export (a wrong step size, loss or batch-norm mode) differs on the
-well-conditioned tasks too, where the noise is ~1e-5. A noise bound only means something if the
+well-conditioned tasks too, where the noise is 1e-6 to 5e-6. A noise bound only means something if the
 reference is a function of its inputs, so a forward that is still random in evaluation mode (it
 gives a task two different reference outputs) is refused instead.
 The tasks come from the run's test split with two support sizes (the run's shot count and
