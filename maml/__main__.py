@@ -7,6 +7,7 @@ work is spread over the processes (`maml.distributed`) and rank 0 alone prints.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import inspect
@@ -244,8 +245,10 @@ class CLI:
         from maml.config import Config
         from maml.train import train
 
-        ranks, device = distributed.start(device, dist_timeout)
-
+        if minutes is not None and minutes <= 0:
+            raise UsageError(f"--minutes must be > 0, got {minutes}")
+        if resume and overwrite:
+            raise UsageError("--resume and --overwrite contradict each other; give one")
         cfg = Config(
             dataset=dataset, n_way=n_way, k_shot=k_shot, q_query=q_query,
             inner_steps=inner_steps, inner_lr=inner_lr, eval_inner_steps=eval_inner_steps,
@@ -259,10 +262,10 @@ class CLI:
             dtype=dtype, checkpoint=checkpoint, log_every=log_every,
             val_every=val_every, val_tasks=val_tasks, checkpoint_every=checkpoint_every,
         )
-        if minutes is not None and minutes <= 0:
-            raise UsageError(f"--minutes must be > 0, got {minutes}")
-        if resume and overwrite:
-            raise UsageError("--resume and --overwrite contradict each other; give one")
+        if not resume:  # bad settings fail here, before torchrun's ranks wait for each other
+            cfg.with_defaults()
+        ranks, device = distributed.start(device, dist_timeout)
+        cfg = dataclasses.replace(cfg, device=device)
         try:
             result = train(cfg, resume=resume, progress=not quiet, max_minutes=minutes,
                            ranks=ranks, given=self._given, overwrite=overwrite)
@@ -333,17 +336,17 @@ class CLI:
         if tasks < 1 or batch_size < 1:
             name, value = ("tasks", tasks) if tasks < 1 else ("batch-size", batch_size)
             raise UsageError(f"--{name} must be >= 1, got {value}")
+        if split not in ("train", "val", "test"):
+            raise UsageError(f"--split must be train, val or test, got {split!r}")
+        if inner_steps is not None and inner_steps < 0:
+            raise UsageError(f"--inner-steps must be >= 0, got {inner_steps}")
         state = ckpt.load(checkpoint)
         overrides = {k: v for k, v in (("k_shot", k_shot), ("q_query", q_query),
                                        ("data_root", data_root)) if v is not None}
         ranks, device = distributed.start(device, dist_timeout)
         exp = restore({**state, "config": {**state["config"], **overrides}}, checkpoint, device)
         cfg = exp.cfg
-        if split not in ("train", "val", "test"):
-            raise UsageError(f"--split must be train, val or test, got {split!r}")
         steps = cfg.eval_inner_steps if inner_steps is None else inner_steps
-        if steps < 0:
-            raise UsageError(f"--inner-steps must be >= 0, got {steps}")
         if task_chunk is not None:
             cfg.task_chunk = task_chunk
         cfg.cuda_graphs = False  # graph capture is for the training step only

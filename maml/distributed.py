@@ -58,12 +58,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from maml.errors import UsageError
+from maml.errors import RankError, UsageError
 
 DEFAULT_TIMEOUT_S = 300.0
 
 
-class DistributedError(UsageError):
+class DistributedError(RankError):
     """A collective failed: another process died or stalled past the timeout."""
 
 
@@ -159,8 +159,8 @@ def start(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Ranks, str
         if not torch.cuda.is_available():
             raise UsageError(f"--device {device} asked for, but no CUDA GPU is available; use cpu")
         if ranks.local_rank >= torch.cuda.device_count():
-            raise UsageError(f"LOCAL_RANK {ranks.local_rank} but only {torch.cuda.device_count()} "
-                             f"GPUs here; lower --nproc-per-node")
+            raise RankError(f"LOCAL_RANK {ranks.local_rank} but only {torch.cuda.device_count()} "
+                            f"GPUs here; lower --nproc-per-node")
         device = f"cuda:{ranks.local_rank}"
         torch.cuda.set_device(ranks.local_rank)
     # with nccl, CPU tensors still go through gloo: the per-iteration stop decision

@@ -5,6 +5,7 @@ status 1; a run the user stopped (`Stopped`, or Ctrl-C anywhere else) is `stoppe
 shell's status for the signal, 128 + its number (130 for Ctrl-C, 143 for SIGTERM).
 """
 
+import os
 import signal
 import sys
 import threading
@@ -37,7 +38,16 @@ def shorten(text: str, limit: int) -> str:
 
 
 class UsageError(Exception):
-    """Bad input from the user: the message names the problem and, where there is one, the fix."""
+    """Bad input from the user: the message names the problem and, where there is one, the fix.
+
+    Under torchrun the processes of one machine check the same input and files and would say
+    the same thing, so on each machine the first (LOCAL_RANK 0) alone prints it; a `RankError`
+    is the exception."""
+
+
+class RankError(UsageError):
+    """A problem one torchrun rank has on its own (its GPU, its contact with the others): the
+    rank that hit it prints it, whichever rank that is."""
 
 
 class Stopped(BaseException):
@@ -76,11 +86,17 @@ def exit_status(run: Callable[[], object]) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _secondary_rank() -> bool:
+    """Whether torchrun started this process and not as the first on its machine."""
+    return "WORLD_SIZE" in os.environ and os.environ.get("LOCAL_RANK", "0") != "0"
+
+
 def _status(run: Callable[[], object]) -> int:
     try:
         run()
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if isinstance(exc, RankError) or not _secondary_rank():
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except Stopped as exc:
         if str(exc):  # empty on the other ranks of a torchrun launch

@@ -207,3 +207,17 @@ def test_ctrl_c_stops_every_rank_after_the_same_iteration_with_a_checkpoint(tmp_
     assert len(stopped) == 1 and "--resume" in stopped[0], err[-3000:]  # rank 0 alone says it
     at = int(re.search(r"after iteration (\d+)", stopped[0]).group(1))
     assert torch.load(ckpt, weights_only=True)["iteration"] == at >= 20
+
+
+def test_a_usage_error_is_printed_once_not_once_per_rank(tmp_path):
+    """Both ranks refuse the same bad setting; the first process of the machine alone says so,
+    and before the ranks wait for each other (no rank is left to be stopped by torchrun)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "maml",
+           "train", "--inner-lr", "-1", "--checkpoint", str(tmp_path / "run.pt"), "--quiet"]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=240)
+    ours = [line for line in done.stderr.splitlines() if line.startswith(("error:", "stopped:"))]
+    assert done.returncode != 0
+    assert len(ours) == 1 and ours[0].startswith("error: --inner-lr must be >= 0"), done.stderr[-3000:]
+    assert not (tmp_path / "run.pt").exists()
