@@ -25,7 +25,7 @@ import numpy as np
 from maml.errors import UsageError
 from serve import metadata
 from serve.backends import Backend, make_backend
-from serve.image_input import images_to_inputs, is_image_list
+from serve.image_input import check_pixel_budget, images_to_inputs, is_image_list, read_images
 from serve.validation import Limits, Signature, check_query, check_size, check_support
 
 
@@ -114,7 +114,15 @@ class Adapter:
         return task
 
     def adapt_predict(self, support_x: Any, support_y: Any, query_x: Any) -> np.ndarray:
-        """Adapt and predict in one call (one graph; nothing kept between calls)."""
+        """Adapt and predict in one call (one graph; nothing kept between calls).
+
+        With images on both sides, the pixel budget covers them together, checked from their
+        headers before either set is decoded."""
+        if is_image_list(support_x) and is_image_list(query_x):
+            check_size(support_x, "support_x", self.limits.max_support, "max_support")
+            check_size(query_x, "query_x", self.limits.max_query, "max_query")
+            support_x, query_x = read_images(support_x), read_images(query_x)
+            check_pixel_budget(support_x + query_x)
         x, y = self.support_inputs(support_x, support_y)
         q = self.query_inputs(query_x)
         return finite_outputs(self.backend.adapt_predict(x, y, q))

@@ -5,9 +5,10 @@ grayscale in [0, 1] with ink = 1, an area-average resize to 28x28). A user's pic
 character is dark ink on light paper, like Omniglot's PNGs, so each image is:
 
 1. decoded with Pillow (PNG or JPEG only; at most `MAX_PIXELS` pixels each and
-   `MAX_TOTAL_PIXELS` per call, both read from the headers before anything is decoded, against
-   decompression bombs), turned upright by its EXIF orientation (phone photos), 16-bit
-   grayscale scaled to 8 bits, transparent pixels composited onto white paper;
+   `MAX_TOTAL_PIXELS` per call, support and query together, both read from the headers before
+   anything is decoded, against decompression bombs), turned upright by its EXIF orientation
+   (phone photos), 16-bit grayscale scaled to 8 bits, transparent pixels composited onto white
+   paper;
 2. converted to grayscale and padded with paper to a centred square, so the resize keeps the
    character's aspect ratio (Omniglot's own images are square, so they are unchanged);
 3. mapped to ink values and box-resized with `maml.images` (numpy only), exactly as training
@@ -28,8 +29,9 @@ from maml.errors import UsageError
 from maml.images import preprocess_grayscale
 
 MAX_PIXELS = 4096 * 4096
-# per image set (support_x or query_x): 1000 Omniglot images (105x105, 11M pixels) or five
-# 12-megapixel photos fit; decoding this many pixels takes about a second of CPU
+# per call (an adapt-and-predict counts its support and query images together): 2000 Omniglot
+# images (105x105, 22M pixels) or five 12-megapixel photos fit; decoding this many pixels takes
+# about a second of CPU
 MAX_TOTAL_PIXELS = 4 * MAX_PIXELS
 WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grayscale PNGs
 FORMATS = ("PNG", "JPEG")
@@ -57,6 +59,11 @@ def check_preprocessing(preprocessing: dict[str, Any] | None, input_shape: Seque
     if tuple(input_shape) != (1, size, size):
         raise UsageError(f"images make (1, {size}, {size}) inputs but the adapter takes "
                          f"{tuple(input_shape)}; send arrays")
+
+
+def read_images(sources: Sequence[ImageSource]) -> list[bytes]:
+    """The bytes of each image (bytes pass through; paths are read), nothing decoded."""
+    return [_read(source, i) for i, source in enumerate(sources)]
 
 
 def _read(source: ImageSource, index: int) -> bytes:
@@ -90,7 +97,7 @@ def image_size(data: bytes, index: int = 0) -> tuple[int, int]:
 
 
 def check_pixel_budget(images: Sequence[bytes]) -> None:
-    """Refuse a set of images whose headers add up to more than `MAX_TOTAL_PIXELS` pixels."""
+    """Refuse the images of one call whose headers add up to more than `MAX_TOTAL_PIXELS`."""
     total = 0
     for i, data in enumerate(images):
         width, height = image_size(data, i)
@@ -147,7 +154,7 @@ def images_to_inputs(
     assert preprocessing is not None
     size = int(preprocessing["size"])
     ink, paper = float(preprocessing.get("ink", 1.0)), float(preprocessing.get("background", 0.0))
-    images = [_read(source, i) for i, source in enumerate(sources)]
+    images = read_images(sources)
     check_pixel_budget(images)  # from the headers, before any image is decoded
     out = np.empty((len(images), 1, size, size), dtype=np.float32)
     for i, data in enumerate(images):

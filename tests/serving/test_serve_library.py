@@ -93,6 +93,39 @@ def test_image_adapter_takes_png_bytes(omniglot, tmp_path):
         adapter.adapt(pngs[:5], labels)
 
 
+def test_one_call_s_images_share_one_pixel_budget(omniglot, monkeypatch):
+    """Adapt-and-predict counts support and query images together, before decoding either;
+    adapt and predict on their own each fit."""
+    from PIL import Image
+
+    from serve import image_input
+
+    def png(seed: int) -> bytes:
+        buf = io.BytesIO()
+        drawing = (np.random.default_rng(seed).random((20, 20)) > 0.2).astype(np.uint8) * 255
+        Image.fromarray(drawing).save(buf, format="PNG")
+        return buf.getvalue()
+
+    support, queries = [png(i) for i in range(5)], [png(i) for i in range(5, 8)]
+    monkeypatch.setattr(image_input, "MAX_TOTAL_PIXELS", 5 * 400)  # the support set exactly
+    adapter = serve.load(omniglot.directory)
+    adapter.adapt(support, np.arange(5)).predict(queries)  # one set per call: within budget
+    decode = image_input.grayscale_pixels
+
+    def no_decoding(data: bytes, index: int = 0) -> np.ndarray:
+        raise AssertionError("decoded before the call's pixel budget was checked")
+
+    monkeypatch.setattr(image_input, "grayscale_pixels", no_decoding)
+    with pytest.raises(UsageError, match="the 8 images have 3200 pixels in all, over the limit "
+                                         "of 2000"):
+        adapter.adapt_predict(support, np.arange(5), queries)
+    monkeypatch.setattr(image_input, "grayscale_pixels", decode)
+    monkeypatch.setattr(image_input, "MAX_TOTAL_PIXELS", 8 * 400)
+    both = adapter.adapt_predict(support, np.arange(5), queries)
+    np.testing.assert_allclose(both, adapter.adapt(support, np.arange(5)).predict(queries),
+                               atol=1e-5)
+
+
 def test_load_resolves_files_and_backends(sine):
     d = sine.directory
     assert serve.load(d / "adapter.json").backend.name == "onnx"
