@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,12 +71,7 @@ class Config:
 
     def with_defaults(self) -> Config:
         """Fill unset settings from the MAML paper's choices for this dataset."""
-        if self.dataset not in DATASETS:
-            raise UsageError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
-        if self.engine not in ENGINES:
-            raise UsageError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
-        if self.dtype not in ("float32", "float64"):
-            raise UsageError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        self.check_choices()
         if self.dataset == "omniglot":
             twenty = (self.n_way or 5) >= 20
             defaults = dict(
@@ -97,7 +93,20 @@ class Config:
         filled.check()
         return filled
 
+    def check_choices(self) -> None:
+        """Refuse a dataset, engine or dtype this project does not have."""
+        if self.dataset not in DATASETS:
+            raise UsageError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if self.engine not in ENGINES:
+            raise UsageError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.dtype not in ("float32", "float64"):
+            raise UsageError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+
     def check(self) -> None:
+        """Refuse settings no run can use (also those of a checkpoint, which may be damaged).
+
+        The comparisons are written so that NaN fails them."""
+        self.check_choices()
         positive = ["k_shot", "q_query", "meta_batch_size", "iterations", "log_every",
                     "val_every", "val_tasks", "checkpoint_every"]
         for name in positive:
@@ -105,14 +114,14 @@ class Config:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.inner_steps < 0 or self.eval_inner_steps < 0:
             raise UsageError("--inner-steps and --eval-inner-steps must be >= 0")
-        if self.inner_lr is not None and self.inner_lr < 0:
-            raise UsageError(f"--inner-lr must be >= 0 (a step size down the support loss), "
-                             f"got {self.inner_lr}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
+        if self.inner_lr is not None and not 0 <= self.inner_lr < math.inf:
+            raise UsageError(f"--inner-lr must be >= 0 and finite (a step size down the support "
+                             f"loss), got {self.inner_lr}")
+        if self.grad_clip is not None and not 0 < self.grad_clip <= math.inf:
             raise UsageError(f"--grad-clip must be > 0 (the largest meta-gradient norm), "
                              f"got {self.grad_clip}")
-        if self.meta_lr <= 0:
-            raise UsageError(f"--meta-lr must be > 0, got {self.meta_lr}")
+        if not 0 < self.meta_lr < math.inf:
+            raise UsageError(f"--meta-lr must be > 0 and finite, got {self.meta_lr}")
         if self.learn_inner_lr and self.inner_steps < 1:
             raise UsageError("--learn-inner-lr needs --inner-steps >= 1")
 

@@ -261,3 +261,23 @@ def test_a_config_with_bad_values_is_a_corrupt_checkpoint(tmp_path, sinusoid_ckp
     assert code == 2 and line == (f"error: {bad} is an incomplete or corrupt checkpoint: "
                                   f"{problem}; use another checkpoint of the run or train again")
     assert list(tmp_path.iterdir()) == [bad]
+
+
+@pytest.mark.parametrize("setting, value, line", [
+    ("inner_lr", float("nan"), "--inner-lr must be >= 0 and finite (a step size down the support "
+                               "loss), got nan"),
+    ("meta_lr", float("inf"), "--meta-lr must be > 0 and finite, got inf"),
+    ("dataset", "cifar", "unknown dataset 'cifar'; choose one of sinusoid, harmonic, omniglot"),
+])
+def test_a_stored_setting_no_run_can_use_is_one_line(tmp_path, sinusoid_ckpt, capsys, setting,
+                                                     value, line):
+    """Right type, unusable value (a damaged or hand-edited checkpoint): refused by name, not a
+    traceback from deep inside, nor NaN results."""
+    state = torch.load(sinusoid_ckpt, weights_only=True)
+    state["config"][setting] = value
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    code, said = run_main(capsys, "--checkpoint", str(bad), "--out", str(tmp_path / "a"),
+                          "--formats", "torchscript")
+    assert (code, said) == (2, f"error: {line}")
+    assert not (tmp_path / "a").exists()
