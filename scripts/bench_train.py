@@ -24,7 +24,7 @@ Tasks are random images / sinusoid draws of the right shapes (timing does not de
 pixels). CPU always, CUDA when present. Prints a markdown table; writes JSON under
 `benchmarks/`.
 
-    python scripts/bench_train.py --quick            # a few minutes on a 2-core CPU
+    python scripts/bench_train.py --quick            # about 10 minutes on a 2-core CPU
     python scripts/bench_train.py --iterations 20 --compile
 """
 
@@ -117,11 +117,14 @@ def run_row(engine, model, batch, inner, device, iterations: int, warmup: int):
             "reserved_mb": reserved / 2**20, "grad": grad}
 
 
-def rows_for(device: torch.device, args) -> list[tuple[str, object, dict]]:
+def rows_for(device: torch.device, args, setting: dict) -> list[tuple[str, object, dict]]:
+    # `--quick` on a CPU times the conv nets in auto-sized chunks only: a whole batch of 32
+    # tasks under vmap needs 7 GB at 1 step and over 20 GB at 5 (a run was OOM-killed)
+    whole_fits = not (args.quick and device.type == "cpu" and setting["kind"] == "image")
     rows = [("higher loop", higher_engine, {})]
-    if not args.chunked_only:
+    if not args.chunked_only and whole_fits:
         rows.append(("batched", BatchedEngine(task_chunk=10**9), {}))
-    if device.type == "cuda" or not args.quick or args.chunked_only:
+    if device.type == "cuda" or not args.quick or args.chunked_only or not whole_fits:
         rows.append((f"batched, auto chunk <= {args.memory_budget_mb:.0f} MB",
                      BatchedEngine(memory_budget_mb=args.memory_budget_mb), {}))
     if args.compile and device.type != "cuda":
@@ -146,6 +149,14 @@ def rows_for(device: torch.device, args) -> list[tuple[str, object, dict]]:
     return rows
 
 
+def iterations(args, setting: dict) -> int:
+    """Timed iterations: `--iterations`, or with `--quick` 1 (the sinusoid's 20: one of its
+    iterations takes milliseconds, too short to time alone)."""
+    if args.quick:
+        return 20 if setting["kind"] == "sine" else 1
+    return args.iterations
+
+
 def selected(only: str) -> list[str]:
     """The settings `--only` names, in its order, each once: a full setting name means that
     setting alone, a part of one every setting containing it; empty means all."""
@@ -165,13 +176,14 @@ def bench(device: torch.device, args, results: list[dict], save) -> list[dict]:
         higher_engine.meta_gradient(model, None, batch, inner)
         exact = torch.cat([p.grad.flatten() for p in model.parameters()]).cpu()
         del model, batch
-        for row, engine, flags in rows_for(device, args):
+        for row, engine, flags in rows_for(device, args, setting):
             model, batch, inner = make_case(setting, device)
             torch.backends.cuda.matmul.allow_tf32 = flags.get("tf32", False)
             torch.backends.cudnn.allow_tf32 = flags.get("tf32", False)
             torch.backends.cudnn.benchmark = flags.get("cudnn_benchmark", False)
             try:
-                r = run_row(engine, model, batch, inner, device, args.iterations, args.warmup)
+                r = run_row(engine, model, batch, inner, device, iterations(args, setting),
+                            args.warmup)
             except Exception as exc:  # a failing optimisation is a row, not a crash
                 print(f"{name} / {row}: failed: {type(exc).__name__}: {exc}")
                 results.append({"device": str(device), "setting": name, "engine": row,
@@ -183,6 +195,7 @@ def bench(device: torch.device, args, results: list[dict], save) -> list[dict]:
             rel = ((grad - exact).norm() / exact.norm()).item()
             chunk = getattr(engine, "chosen_chunk", None)
             results.append({"device": str(device), "setting": name, "engine": row, **r,
+                            "iterations": iterations(args, setting),
                             "speedup": reference / r["ms"], "grad_rel_diff": rel,
                             "chunk": chunk})
             print(f"{name} / {row}: {r['ms']:.1f} ms, peak {r['peak_mb']:.0f} MB, "
@@ -225,7 +238,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=10, help="timed meta-iterations")
     parser.add_argument("--warmup", type=int, default=1, help="untimed meta-iterations first")
     parser.add_argument("--quick", action="store_true",
-                        help="1 timed iteration, no CPU auto-chunk row: minutes on a 2-core CPU")
+                        help="1 timed iteration (the sinusoid's 20); on a CPU the conv nets "
+                             "in auto-sized chunks only, not as one whole batch")
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows")
     parser.add_argument("--memory-budget-mb", type=float, default=1024.0)
     parser.add_argument("--only", default="",
@@ -238,8 +252,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     parser.add_argument("--out", default="benchmarks")
     args = parser.parse_args()
-    if args.quick:
-        args.iterations = 1
+    unknown = [w for w in args.only.split(",") if w.strip() and not any(w.strip() in n for n in SETTINGS)]
+    if unknown:
+        parser.error(f"--only {unknown[0]!r} matches no setting; settings: {', '.join(SETTINGS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cuda_only and not torch.cuda.is_available():
@@ -251,7 +266,10 @@ def main() -> None:
                "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
                "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # before any timing: a result that cannot be written is not worth measuring
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out {out} cannot be made a folder ({exc.strerror}); choose another --out")
     path = out / f"bench_train-{time.strftime('%Y%m%d-%H%M%S')}.json"
     results: list[dict] = []
 
@@ -259,9 +277,6 @@ def main() -> None:
         path.write_text(json.dumps({"machine": machine, "args": vars(args), "results": results},
                                    indent=1))
 
-    unknown = [w for w in args.only.split(",") if w.strip() and not any(w.strip() in n for n in SETTINGS)]
-    if unknown:
-        parser.error(f"--only {unknown[0]!r} matches no setting; settings: {', '.join(SETTINGS)}")
     for device in devices:
         bench(device, args, results, save)
     print()
