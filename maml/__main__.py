@@ -245,8 +245,8 @@ class CLI:
         from maml.config import Config
         from maml.train import train
 
-        if minutes is not None and minutes <= 0:
-            raise UsageError(f"--minutes must be > 0, got {minutes}")
+        if minutes is not None and not 0 < minutes < float("inf"):
+            raise UsageError(f"--minutes must be > 0 and finite, got {minutes}")
         if resume and overwrite:
             raise UsageError("--resume and --overwrite contradict each other; give one")
         cfg = Config(

@@ -44,7 +44,8 @@ def plot_curves(runs: dict[str, str | Path], out: str | Path, title: str = "") -
     by_time.set_ylabel(f"validation {metric_name}")
     for axis in (by_iter, by_time):
         axis.grid(alpha=0.3)
-    by_time.legend(loc="best")
+    if by_time.get_legend_handles_labels()[0]:  # no validation yet: nothing to name
+        by_time.legend(loc="best")
     if title:
         fig.suptitle(title)
     out = Path(out)

@@ -9,7 +9,8 @@ up to one run), evaluates on 600 meta-test tasks with a 95% confidence interval 
 weights, as the paper does; `--weights best`: those best on the validation tasks), exports the
 adapter as ONNX, evaluates the ONNX adapter with onnxruntime on exactly the same 600 tasks (the
 two must agree), and writes `OUT/<name>/result.json` and the learning curves
-`OUT/<name>/curves.png`. A run that stopped before the protocol's iterations is marked partial.
+`OUT/<name>/curves.png`. A run that stopped before the protocol's iterations (by `--minutes`,
+or a smaller `--iterations`) is marked partial.
 `--table` also draws the 5-way 1-shot variants that have run (second order, first order, learned
 step sizes) into one figure, `OUT/omniglot-5w1s-variants.png`.
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from maml import checkpoint  # noqa: E402
 from maml.config import Config  # noqa: E402
 from maml.curves import plot_curves  # noqa: E402
-from maml.errors import Stopped, exit_status  # noqa: E402
+from maml.errors import Stopped, UsageError, exit_status  # noqa: E402
 from maml.evaluate import eval_batches, evaluate, summary  # noqa: E402
 from maml.experiment import restore  # noqa: E402
 from maml.train import paths, select_engine, train  # noqa: E402
@@ -70,7 +72,8 @@ def machine() -> str:
     return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
 
 
-def onnx_check(ckpt: Path, out: Path, k_shot: int, steps: int, tasks: int, reference: list[float]):
+def onnx_check(ckpt: Path, out: Path, k_shot: int, steps: int, tasks: int, reference: list[float],
+               quiet: bool = False):
     """Export with `steps` steps; evaluate the ONNX adapter on the same tasks as the reference."""
     import serve
     from export.build import export_checkpoint
@@ -82,6 +85,7 @@ def onnx_check(ckpt: Path, out: Path, k_shot: int, steps: int, tasks: int, refer
     exp = restore({**state, "config": {**state["config"], "k_shot": k_shot}}, str(ckpt), "cpu")
     values = []
     gen = torch.Generator().manual_seed(EVAL_SEED)
+    bar = tqdm(total=tasks, desc="ONNX adapter", disable=quiet)
     for batch in eval_batches(exp.source, tasks, gen):
         for sx, sy, qx, qy in zip(*(t.numpy() for t in batch.tensors())):
             outputs = np.asarray(adapter.adapt_predict(sx, sy, qx))
@@ -89,6 +93,8 @@ def onnx_check(ckpt: Path, out: Path, k_shot: int, steps: int, tasks: int, refer
                 values.append(float((outputs.argmax(-1) == qy).mean()))
             else:
                 values.append(float(((outputs - qy) ** 2).mean()))
+        bar.update(len(batch))
+    bar.close()
     ours = torch.tensor(values, dtype=torch.float64)
     ref = torch.tensor(reference, dtype=torch.float64)
     return {**summary(ours), "tasks": tasks, "max_task_diff": (ours - ref).abs().max().item(),
@@ -96,10 +102,36 @@ def onnx_check(ckpt: Path, out: Path, k_shot: int, steps: int, tasks: int, refer
             "tasks_equal": int((ours - ref).abs().le(1e-5 * ref.abs().clamp_min(1.0)).sum())}
 
 
+def protocol_iterations(name: str) -> int:
+    """The paper's number of meta-iterations for a benchmark (60000 Omniglot, 70000 sinusoid)."""
+    return Config(**BENCHMARKS[name]["train"]).with_defaults().iterations
+
+
+def check_out(folder: Path) -> None:
+    """Refuse an --out whose path to the run's folder runs into a file, before any training."""
+    for part in (folder, *folder.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise UsageError(f"--out: {part} is a file, not a folder; choose another --out")
+            return
+
+
+def check_seed(ckpt: Path, seed: int | None) -> None:
+    """A typed --seed must be the resumed run's (it seeds the weights, split and tasks)."""
+    if seed is None or not ckpt.is_file():
+        return
+    before = checkpoint.load(ckpt)["config"].get("seed")
+    if before != seed:
+        raise UsageError(f"--seed {seed} differs from the run in {ckpt.parent} (seed {before}); "
+                         "drop --seed to continue it, or give another --out for a new run")
+
+
 def run(name: str, args: argparse.Namespace) -> dict:
     bench = BENCHMARKS[name]
     folder = Path(args.out) / name
     ckpt = folder / "model.pt"
+    check_out(folder)
+    check_seed(ckpt, args.seed)
     settings = dict(bench["train"], checkpoint=str(ckpt), device=args.device, engine=args.engine,
                     data_root=args.data_root, val_every=args.val_every, log_every=args.log_every,
                     seed=0 if args.seed is None else args.seed)
@@ -119,12 +151,14 @@ def run(name: str, args: argparse.Namespace) -> dict:
     wall = time.perf_counter() - t0
     state = checkpoint.load(ckpt, args.device)
     run_cfg = Config.from_dict(state["config"])
-    complete = state["iteration"] >= run_cfg.iterations
+    protocol = protocol_iterations(name)  # a shorter --iterations is not the paper's protocol
+    complete = state["iteration"] >= protocol
     result = {
         "benchmark": name, "machine": machine(), "device": args.device,
         # the engine as auto resolved it (recorded by train), else as configured
         "engine": state["metrics"].get("engine") or run_cfg.engine, "iterations": state["iteration"],
-        "target_iterations": run_cfg.iterations, "complete": complete,
+        "target_iterations": run_cfg.iterations, "protocol_iterations": protocol,
+        "complete": complete,
         "minutes_capped": args.minutes is not None,
         "training_seconds": state["metrics"].get("seconds"), "this_slot_seconds": wall,
         "best_val": trained["best_val"], "settings": run_cfg.to_dict(), "paper": bench["paper"],
@@ -147,8 +181,10 @@ def run(name: str, args: argparse.Namespace) -> dict:
         exp = restore({**state, "config": {**state["config"], "k_shot": k_shot}}, str(chosen),
                       args.device)
         gen = torch.Generator().manual_seed(EVAL_SEED)
-        r = evaluate(exp.model, exp.inner_lrs, exp.source, exp.cfg.inner_loop(steps), args.tasks,
-                     gen, adapt_predict=engine.adapt_predict)
+        with tqdm(total=args.tasks, desc=f"evaluate {k_shot}-shot, {steps} step(s)",
+                  disable=args.quiet) as bar:
+            r = evaluate(exp.model, exp.inner_lrs, exp.source, exp.cfg.inner_loop(steps),
+                         args.tasks, gen, adapt_predict=engine.adapt_predict, progress=bar.update)
         scale = 100.0 if r["metric"] == "accuracy" else 1.0
         row = {"k_shot": k_shot, "steps": steps, "metric": r["metric"], "mean": r["mean"] * scale,
                "ci95": r["ci95"] * scale, "tasks": r["tasks"], "per_task": r["per_task"]}
@@ -158,7 +194,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
     first = result["evaluations"][0]
     if not args.skip_onnx:
         onnx = onnx_check(chosen, folder / "adapter", first["k_shot"], first["steps"], args.tasks,
-                          first["per_task"])
+                          first["per_task"], args.quiet)
         scale = 100.0 if first["metric"] == "accuracy" else 1.0
         onnx.update(mean=onnx["mean"] * scale, ci95=onnx["ci95"] * scale)
         print(f"  ONNX adapter on the same tasks: {onnx['mean']:.3f} +- {onnx['ci95']:.3f}, "
@@ -212,7 +248,8 @@ def table(out: Path) -> str:
             if "onnx" in r and row is r["evaluations"][0]:
                 o = r["onnx"]
                 onnx = f"{o['mean']:.2f} ({o['tasks_equal']}/{o['tasks']} tasks equal)"
-            its = f"{r['iterations']}/{r['target_iterations']}" + ("" if r["complete"] else " (partial)")
+            target = r.get("protocol_iterations", r["target_iterations"])
+            its = f"{r['iterations']}/{target}" + ("" if r["complete"] else " (partial)")
             weights = r.get("weights", {"chosen": "final"})
             if weights["chosen"] == "best":
                 its += f", best at {weights['iteration']}"
@@ -285,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.benchmark is None:
         p.error("name a benchmark, or pass --table")
-    if args.minutes is not None and args.minutes <= 0:
-        p.error(f"--minutes must be > 0, got {args.minutes}")
+    if args.minutes is not None and not 0 < args.minutes < float("inf"):  # NaN fails too
+        p.error(f"--minutes must be > 0 and finite, got {args.minutes}")
     if args.tasks < 2:
         p.error(f"--tasks must be >= 2 for a confidence interval, got {args.tasks}")
     for name in ("iterations", "val_every", "log_every"):

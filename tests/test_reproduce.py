@@ -17,7 +17,9 @@ def test_sinusoid_reproduction_end_to_end(tmp_path):
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "sinusoid" / "result.json").read_text())
-    assert result["iterations"] == 60 and result["complete"]
+    # 60 of the protocol's 70000 iterations: a short run, never passed off as the protocol
+    assert result["iterations"] == 60 and not result["complete"]
+    assert result["protocol_iterations"] == 70000
     assert [(e["k_shot"], e["steps"]) for e in result["evaluations"]] == [
         (5, 1), (5, 5), (5, 10), (10, 1), (10, 5), (10, 10)]
     first = result["evaluations"][0]
@@ -34,6 +36,7 @@ def test_sinusoid_reproduction_end_to_end(tmp_path):
     table = subprocess.run([sys.executable, "scripts/reproduce.py", "--table", "--out", str(tmp_path)],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert "| sinusoid | 5-shot, 10 steps | 0.35 |" in table.stdout
+    assert "| 60/70000 (partial), best at " in table.stdout
     assert "| omniglot-5w1s | 1-shot, 3 steps | 98.7 +- 0.4 | not run yet |" in table.stdout
     assert not (tmp_path / "omniglot-5w1s-variants.png").exists()  # no 5-way 1-shot run here
 
@@ -77,6 +80,7 @@ def test_table_lists_each_machines_run_of_a_benchmark(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--minutes", "-1"], "--minutes must be > 0"),
+    (["--minutes", "nan"], "--minutes must be > 0 and finite, got nan"),
     (["--tasks", "1"], "--tasks must be >= 2 for a confidence interval"),
     (["--iterations", "0"], "--iterations must be >= 1"),
     (["--val-every", "0"], "--val-every must be >= 1"),
@@ -91,7 +95,7 @@ def test_bad_settings_are_refused_before_anything_runs(tmp_path, capsys, flags, 
     assert not list(tmp_path.iterdir())
 
 
-def test_a_run_started_with_a_seed_continues_without_retyping_it(tmp_path):
+def test_a_run_started_with_a_seed_continues_without_retyping_it(tmp_path, capsys):
     """The script's own defaults are not options the user typed: continuing a --seed 3 run
     with the command minus --seed must not be refused as a change of seed."""
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -103,3 +107,19 @@ def test_a_run_started_with_a_seed_continues_without_retyping_it(tmp_path):
     assert reproduce.main([*common, "--iterations", "3"]) == 0
     result = json.loads((tmp_path / "sinusoid" / "result.json").read_text())
     assert result["iterations"] == 3 and result["settings"]["seed"] == 3
+    # another typed seed is refused, naming the script's own way out (--out), before training
+    assert reproduce.main([*common, "--iterations", "5", "--seed", "4"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --seed 4 differs from the run in {tmp_path / 'sinusoid'} (seed 3); drop --seed "
+        "to continue it, or give another --out for a new run")
+    assert json.loads((tmp_path / "sinusoid" / "result.json").read_text())["iterations"] == 3
+
+
+def test_an_out_that_runs_into_a_file_is_one_line_naming_out(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import reproduce
+
+    (tmp_path / "file").write_text("")
+    assert reproduce.main(["sinusoid", "--out", str(tmp_path / "file"), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --out: {tmp_path / 'file'} is a file, not a folder; choose another --out")
