@@ -17,6 +17,7 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import zipfile
@@ -40,14 +41,19 @@ def umask() -> int:
 
 
 def save(path: str | Path, state: dict[str, Any]) -> None:
-    """Write `state` to `path` atomically: a temporary file in the same folder, then a rename."""
+    """Write `state` to `path` atomically: a temporary file in the same folder, then a rename.
+
+    The state is serialised in memory first, so that a full disk is the file system's OSError
+    (one line from `exit_status`), not torch's zip writer's RuntimeError."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, data)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~umask())  # as open() would create it, not mkstemp's private 0600
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
+            f.write(data.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

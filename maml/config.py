@@ -122,6 +122,8 @@ class Config:
                              f"got {self.grad_clip}")
         if not 0 < self.meta_lr < math.inf:
             raise UsageError(f"--meta-lr must be > 0 and finite, got {self.meta_lr}")
+        if not -(2**63) <= self.seed < 2**64:  # what torch.manual_seed takes
+            raise UsageError(f"--seed must be in [-2**63, 2**64), got {self.seed}")
         if self.learn_inner_lr and self.inner_steps < 1:
             raise UsageError("--learn-inner-lr needs --inner-steps >= 1")
 

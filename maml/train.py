@@ -118,17 +118,22 @@ def stop_requests(say: Callable[[str], None], again_stops_now: bool = True) -> I
     checkpoint. The next one raises KeyboardInterrupt at once, or is ignored if not
     `again_stops_now` (under torchrun, which sends every worker each signal it gets, so the
     second one is usually the agent forwarding the first). Signals can only be caught on the main
-    thread; elsewhere the list stays empty and they act as usual."""
+    thread; elsewhere the list stays empty and they act as usual. The stop at once is a
+    `Stopped` carrying the second signal, so the exit status says which it was."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
+    def now(signum: int, frame: object) -> None:
+        raise Stopped(f"{signal.Signals(signum).name} again: stopped at once, without a "
+                      "checkpoint of this iteration", signum)
+
     def request(signum: int, frame: object) -> None:
         received.append(signum)
         for s in previous:
-            signal.signal(s, signal.default_int_handler if again_stops_now else signal.SIG_IGN)
+            signal.signal(s, now if again_stops_now else signal.SIG_IGN)
         say(f"{signal.Signals(signum).name}: stopping after this iteration, with a checkpoint"
             + (" (Ctrl-C again to stop now, without one)" if again_stops_now else ""))
 
@@ -141,21 +146,30 @@ def stop_requests(say: Callable[[str], None], again_stops_now: bool = True) -> I
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
-def writable_target(path: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse, before any training, a checkpoint path that cannot be written or that holds a
-    run which neither `resume` nor `overwrite` says what to do with."""
+def writable_target(where: dict[str, Path], resume: bool, overwrite: bool) -> None:
+    """Refuse, before any training, a checkpoint path that cannot be written or whose files
+    (`paths`) hold a run which neither `resume` nor `overwrite` says what to do with."""
+    path = where["latest"]
     if path.is_dir():
         raise UsageError(f"--checkpoint {path} is a folder; give a file name such as "
                          f"{path / 'model.pt'}")
     if path.exists() and not (resume or overwrite):
         raise UsageError(f"{path} already holds a run; add --resume to continue it, --overwrite "
                          "to start again in its place, or choose another --checkpoint")
+    shared = next((p for p in (where["metrics"], where["best"]) if p.exists()), None)
+    if shared is not None and not (resume or overwrite):  # `runs/a` and `runs/a.pt` share them
+        raise UsageError(f"{shared} exists: another run's (such as {path.with_suffix('.pt')}), or "
+                         "one that stopped before its first checkpoint; add --overwrite to start "
+                         "again in its place, or choose another --checkpoint")
     blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise UsageError(f"--checkpoint {path}: {blocking} is a file, not a folder; choose "
                          "another --checkpoint path")
     path.parent.mkdir(parents=True, exist_ok=True)  # an OSError here is exit_status's one line
-    tempfile.TemporaryFile(dir=path.parent).close()
+    try:
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as exc:  # named by the folder the user chose, not by the probe's random name
+        raise OSError(exc.errno, exc.strerror, str(path.parent)) from None
 
 
 def train(
@@ -172,7 +186,7 @@ def train(
     An existing run at `cfg.checkpoint` is only replaced with `overwrite`.
     """
     where = paths(cfg.checkpoint)
-    writable_target(where["latest"], resume, overwrite)
+    writable_target(where, resume, overwrite)
     if resume:
         state = checkpoint.load(where["latest"])
         lacking = [key for key in ("optimizer", "rng", "metrics") if key not in state]
@@ -212,8 +226,9 @@ def train(
         where["metrics"].parent.mkdir(parents=True, exist_ok=True)
     if main and resume:
         _forget_after(where["metrics"], start)
-    if main and not resume:  # --overwrite: the old run's best must not pose as this run's
-        where["best"].unlink(missing_ok=True)
+    if main and not resume:  # --overwrite replaces the whole old run, not some of its files:
+        for old in (where["best"], where["latest"]):  # no old best posing as this run's, no
+            old.unlink(missing_ok=True)  # old checkpoint left to resume without its history
     log = where["metrics"].open("a" if resume else "w") if main else None
 
     def snapshot(iteration: int) -> dict[str, Any]:

@@ -3,19 +3,26 @@
 import dataclasses
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import maml.train
 from maml import checkpoint
+from maml.__main__ import main
 from maml.adaptation import InnerLoop
 from maml.config import Config
 from maml.errors import Stopped, UsageError
 from maml.evaluate import evaluate
 from maml.experiment import build, restore
 from maml.train import TrainingDiverged, paths, stop_requests, train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def sinusoid_config(tmp_path, **overrides):
@@ -150,6 +157,75 @@ def test_overwrite_drops_the_old_runs_best_checkpoint(tmp_path):
     assert not best.exists()
 
 
+def test_a_failed_overwrite_leaves_no_half_of_the_old_run(tmp_path):
+    """--overwrite replaces all of the old run: a new run that fails before its first
+    checkpoint must not leave the old checkpoint to be resumed without its metrics and best."""
+    old = sinusoid_config(tmp_path, iterations=10)
+    train(old, progress=False)
+    where = paths(old.checkpoint)
+    assert where["latest"].exists() and where["best"].exists()
+    diverging = sinusoid_config(tmp_path, iterations=30, inner_lr=1e30, checkpoint_every=20,
+                                log_every=1)
+    with pytest.raises(TrainingDiverged, match="no checkpoint of this run was written"):
+        train(diverging, progress=False, overwrite=True)
+    assert not where["latest"].exists() and not where["best"].exists()
+    with pytest.raises(UsageError, match="stopped before its first checkpoint; add --overwrite"):
+        train(old, progress=False)  # its metrics lines are there: not replaced by accident
+
+
+def test_runs_a_and_a_pt_share_files_so_a_new_one_is_refused(tmp_path):
+    first = sinusoid_config(tmp_path, iterations=10, checkpoint=str(tmp_path / "col.pt"))
+    train(first, progress=False)
+    where = paths(first.checkpoint)
+    before = {p: p.read_bytes() for p in (where["metrics"], where["best"])}
+    with pytest.raises(UsageError, match=rf"{where['metrics']} exists: another run's \(such as "
+                                         rf"{tmp_path / 'col.pt'}\)"):
+        train(dataclasses.replace(first, checkpoint=str(tmp_path / "col")), progress=False)
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_an_unwritable_folder_is_named_not_the_probe_file(tmp_path, monkeypatch):
+    """A read-only file system fails the write probe; the error names the --checkpoint's folder
+    (exit_status prints it), not the probe's random temporary name."""
+    import errno
+    import tempfile
+
+    def read_only(dir: str) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", f"{dir}/tmpv672aks9")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(OSError) as failed:
+        train(sinusoid_config(tmp_path / "ro"), progress=False)
+    assert (failed.value.errno, failed.value.filename) == (errno.EROFS, str(tmp_path / "ro"))
+
+
+def test_a_seed_torch_cannot_take_is_one_line(tmp_path):
+    with pytest.raises(UsageError, match=re.escape(f"--seed must be in [-2**63, 2**64), got {2**70}")):
+        train(sinusoid_config(tmp_path, seed=2**70), progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    """A file-size limit makes the checkpoint write fail as a full disk would (EFBIG rather
+    than ENOSPC): one line, exit status 1, the last good checkpoint intact, no temp file."""
+    ckpt = tmp_path / "run.pt"
+    first = ["train", "--iterations", "2", "--checkpoint", str(ckpt), "--quiet"]
+    assert main(first) == 0
+    before = ckpt.read_bytes()
+    limited = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+               f"resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) // 2}, "
+               f"{len(before) // 2})); from maml.__main__ import main; "
+               f"sys.exit(main({[*first[:2], '4', *first[3:], '--resume']!r}))")
+    done = subprocess.run([sys.executable, "-c", limited], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith("error: File too large"), lines
+    assert ckpt.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.best.pt", "run.metrics.jsonl",
+                                                          "run.pt"]
+
+
 def test_a_non_finite_validation_score_is_never_the_best():
     assert not maml.train._better("mse", float("nan"), None)
     assert not maml.train._better("accuracy", float("inf"), 0.5)
@@ -280,8 +356,9 @@ def test_a_second_signal_stops_at_once_or_is_ignored_under_torchrun():
     with stop_requests(said.append) as received:
         os.kill(os.getpid(), signal.SIGINT)
         assert received == [signal.SIGINT] and "Ctrl-C again" in said[0]
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(Stopped, match="SIGTERM again: stopped at once") as now:
             os.kill(os.getpid(), signal.SIGTERM)
+        assert now.value.status == 143  # the second signal's status, not Ctrl-C's 130
     with stop_requests(said.append, again_stops_now=False) as received:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGINT)  # torchrun's agent forwarding it: ignored
