@@ -259,7 +259,7 @@ class CLI:
             download=download, split=split, val_chars=val_chars, seed=seed, device=device,
             engine=engine, task_chunk=task_chunk, memory_budget_mb=memory_budget_mb,
             compile=compile, cuda_graphs=cuda_graphs, bf16=bf16, tf32=tf32,
-            dtype=dtype, checkpoint=checkpoint, log_every=log_every,
+            dtype=dtype, checkpoint=os.path.expanduser(checkpoint), log_every=log_every,
             val_every=val_every, val_tasks=val_tasks, checkpoint_every=checkpoint_every,
         )
         if not resume:  # bad settings fail here, before torchrun's ranks wait for each other
@@ -340,9 +340,13 @@ class CLI:
             raise UsageError(f"--split must be train, val or test, got {split!r}")
         if inner_steps is not None and inner_steps < 0:
             raise UsageError(f"--inner-steps must be >= 0, got {inner_steps}")
+        if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise UsageError(f"--seed must be in [-2**63, 2**64), got {seed}")
+        checkpoint = os.path.expanduser(checkpoint)  # `--checkpoint=~/x.pt`: no shell expands it
         state = ckpt.load(checkpoint)
+        root = None if data_root is None else os.path.abspath(os.path.expanduser(data_root))
         overrides = {k: v for k, v in (("k_shot", k_shot), ("q_query", q_query),
-                                       ("data_root", data_root)) if v is not None}
+                                       ("data_root", root)) if v is not None}
         ranks, device = distributed.start(device, dist_timeout)
         exp = restore({**state, "config": {**state["config"], **overrides}}, checkpoint, device)
         cfg = exp.cfg
@@ -384,7 +388,7 @@ class CLI:
         from maml.curves import plot_curves
         from maml.train import paths
 
-        runs = [Path(c.strip()) for c in checkpoint.split(",") if c.strip()]
+        runs = [Path(c.strip()).expanduser() for c in checkpoint.split(",") if c.strip()]
         if not runs:
             raise UsageError("--checkpoint names no run; give one, or several comma-separated")
         for run in runs:
@@ -395,13 +399,16 @@ class CLI:
                 raise UsageError(f"{paths(run)['metrics']} has no metric lines yet; plot after "
                                  "the first --log-every iterations")
         # label each run by its file name, with as many parent folders as tell them apart
-        depth = next((d for d in range(1, max(len(r.parts) for r in runs) + 1)
-                      if len({r.with_suffix("").parts[-d:] for r in runs}) == len(runs)), None)
+        stems = [paths(r)["metrics"].with_name(paths(r)["metrics"].name[:-len(".metrics.jsonl")])
+                 for r in runs]  # only .pt dropped: lr0.01 and lr0.05 are two runs
+        depth = next((d for d in range(1, max(len(r.parts) for r in stems) + 1)
+                      if len({r.parts[-d:] for r in stems}) == len(runs)), None)
         if depth is None:
             raise UsageError(f"--checkpoint names the same run twice: {checkpoint}")
-        labels = ["/".join(r.with_suffix("").parts[-depth:]) for r in runs]
+        labels = ["/".join(r.parts[-depth:]) for r in stems]
         first = paths(runs[0])["metrics"]
-        target = out or str(first.with_name(first.name.replace(".metrics.jsonl", ".curves.png")))
+        target = (os.path.expanduser(out) if out else
+                  str(first.with_name(first.name.replace(".metrics.jsonl", ".curves.png"))))
         if Path(target).suffix.lower() not in (".png", ".pdf", ".svg"):
             raise UsageError(f"--out {target}: give a .png, .pdf or .svg file name")
         title = runs[0].name if len(runs) == 1 else f"{len(runs)} runs"

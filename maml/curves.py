@@ -10,10 +10,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from maml.errors import UsageError
+
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The JSON lines of a metrics file, in order."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The JSON lines of a metrics file, in order.
+
+    A last line cut short (a run killed mid-write, or still writing it) is left out; a damaged
+    line before it is a one-line `UsageError`."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number == len(lines):
+                break
+            raise UsageError(f"{path}, line {number}, is not a metrics record (damaged file); "
+                             "delete that line and plot again") from None
+    return records
 
 
 def plot_curves(runs: dict[str, str | Path], out: str | Path, title: str = "") -> Path:

@@ -128,8 +128,8 @@ def test_omniglot_train_and_eval(tmp_path, capsys, monkeypatch):
     assert main(["eval", "--checkpoint", ckpt, "--tasks", "5", "--json",
                  "--data-root", "moved"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
-    assert "no Omniglot data under gone" in bad(capsys, "eval", "--checkpoint", ckpt,
-                                                "--data-root", "gone")
+    assert f"no Omniglot data under {tmp_path / 'gone'}:" in bad(capsys, "eval", "--checkpoint",
+                                                                ckpt, "--data-root", "gone")
 
 
 def bad(capsys, *args: str) -> str:
@@ -374,3 +374,34 @@ def test_plot_compares_several_runs_in_one_figure(tmp_path, capsys, monkeypatch,
     assert all(Path(p).is_file() for p in drawn.values())
     assert "the same run twice" in bad(capsys, "plot", "--checkpoint", f"{other},{other}")
     assert "no metrics file" in bad(capsys, "plot", "--checkpoint", f"{other},{tmp_path / 'x.pt'}")
+
+
+def test_plot_keeps_runs_apart_by_their_dots_and_reads_a_cut_last_line(tmp_path, capsys):
+    """lr0.01 and lr0.05 are two runs (only .pt is dropped); a metrics file whose last line a
+    killed run cut short still plots, and a damaged line before it is one line."""
+    record = {"iteration": 1, "seconds": 1.0, "loss": 1.0, "val_mse": 2.0}
+    for name in ("lr0.01", "lr0.05"):
+        (tmp_path / f"{name}.metrics.jsonl").write_text(json.dumps(record) + "\n"
+                                                        + '{"iteration": 2, "seco')
+    out = tmp_path / "both.png"
+    runs = f"{tmp_path / 'lr0.01'},{tmp_path / 'lr0.05'}"
+    assert main(["plot", "--checkpoint", runs, "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    damaged = tmp_path / "lr0.01.metrics.jsonl"
+    damaged.write_text('{"iteration": 1, "seco\n' + json.dumps(record) + "\n")
+    capsys.readouterr()
+    assert main(["plot", "--checkpoint", str(tmp_path / "lr0.01"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {damaged}, line 1, is not a metrics record (damaged file); delete that line "
+        "and plot again")
+
+
+def test_a_tilde_after_an_equals_sign_is_the_home_folder(tmp_path, monkeypatch, capsys):
+    """`--checkpoint=~/run.pt` reaches us unexpanded (no shell expands ~ after =)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--iterations", "1", "--checkpoint=~/run.pt", "--quiet"]) == 0
+    assert (tmp_path / "home" / "run.pt").is_file() and not (tmp_path / "~").exists()
+    assert main(["eval", "--checkpoint=~/run.pt", "--tasks", "2", "--quiet"]) == 0
+    assert main(["plot", "--checkpoint=~/run.pt", "--out=~/c.png"]) == 0
+    assert (tmp_path / "home" / "c.png").is_file()
