@@ -9,7 +9,8 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
     inner_lrs   learned step sizes `(steps, tensors)`, or None
     optimizer   the meta-optimizer's state dict
     iteration   meta-iterations done
-    rng         {"tasks": task generator state, "torch": global torch RNG state}
+    rng         {"tasks": task generator state, "torch": global torch RNG state, and on CUDA
+                "cuda": the run's GPU's RNG state (dropout draws there)}
     split       Omniglot character indices {"train", "val", "test"}, or None
     metrics     {"best_val": ..., "best_iteration": ..., "last": {...}}
     versions    {"torch": ..., "maml": ...}

@@ -219,6 +219,8 @@ def train(
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["rng"]["tasks"])
         torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.device(cfg.device).type == "cuda":  # dropout on a GPU
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), cfg.device)
         start, metrics = state["iteration"], state["metrics"]
     inner = cfg.inner_loop()
     main = ranks.is_main
@@ -239,7 +241,9 @@ def train(
                       "state_dict": exp.model.state_dict()},
             "inner_lrs": None if exp.inner_lrs is None else exp.inner_lrs.detach().clone(),
             "optimizer": opt.state_dict(), "iteration": iteration,
-            "rng": {"tasks": gen.get_state(), "torch": torch.get_rng_state()},
+            "rng": {"tasks": gen.get_state(), "torch": torch.get_rng_state(),
+                    **({"cuda": torch.cuda.get_rng_state(cfg.device)}
+                       if torch.device(cfg.device).type == "cuda" else {})},
             "split": exp.split, "metrics": metrics,
             "versions": {"torch": str(torch.__version__), "maml": "0.1.0"},
         }
