@@ -22,7 +22,9 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from serve.validation import Limits, Signature, check_query, check_support  # noqa: E402  (numpy only)
+from maml.errors import UsageError, exit_status, gist  # noqa: E402
+from serve import metadata  # noqa: E402  (numpy only)
+from serve.validation import Limits, Signature, check_query, check_support  # noqa: E402
 
 REFERENCE = """
 import json, sys, numpy as np, torch
@@ -40,21 +42,30 @@ print(json.dumps(adapt_predict(exp.model, table, batch, inner)[0].tolist()))
 """
 
 
-def read_info(folder: Path) -> dict | str:
-    """The adapter's `adapter.json`, or a one-line reason it cannot be used here."""
-    try:
-        info = json.loads((folder / "adapter.json").read_text())
-    except FileNotFoundError:
-        return (f"{folder} has no adapter.json; give the folder written by "
-                "`python -m export --out`")
-    except (OSError, ValueError) as exc:
-        return f"{folder / 'adapter.json'} cannot be read ({exc}); export the adapter again"
-    if not isinstance(info, dict):
-        return f"{folder / 'adapter.json'} is not a JSON object; export the adapter again"
-    if "onnx" not in info.get("files", {}):
-        return (f"{folder} has no ONNX files (exported with other --formats); export it again "
-                "with --formats onnx")
+def read_info(folder: Path) -> dict:
+    """The adapter's `adapter.json`, checked as the runtime (`serve.load`) checks it."""
+    if not (folder / "adapter.json").is_file():
+        raise UsageError(f"{folder} has no adapter.json; give the folder written by "
+                         "`python -m export --out`")
+    info = metadata.read(folder)
+    if "onnx" not in info["files"]:
+        raise UsageError(f"{folder} has no ONNX files (exported with other --formats); export "
+                         "it again with --formats onnx")
+    if info.get("data", {}).get("name") != "sinusoid":
+        raise UsageError(f"{folder} is a {info.get('data', {}).get('name', 'non-sinusoid')} "
+                         "adapter; this script draws sinusoid tasks (use serve.load for others)")
+    if "init" not in info:
+        raise UsageError(f"{folder / 'adapter.json'} records no init file; export the adapter "
+                         "again")
     return info
+
+
+def session(path: Path) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise UsageError(f"onnxruntime cannot load {path}: {gist(exc)}; export the adapter "
+                         "again") from None
 
 
 def sinusoid_task(rng: np.random.Generator, shots: int, queries: int):
@@ -64,35 +75,36 @@ def sinusoid_task(rng: np.random.Generator, shots: int, queries: int):
     return x[:shots], y[:shots], x[shots:], y[shots:], amplitude, phase
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("adapter")
     p.add_argument("--shots", type=int, default=None, help="default: the training shot count")
     p.add_argument("--queries", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare", metavar="CHECKPOINT", default=None)
-    args = p.parse_args()
+    return p
+
+
+def run(args: argparse.Namespace) -> None:
     folder = Path(args.adapter)
     info = read_info(folder)
-    if isinstance(info, str):
-        print(f"error: {info}", file=sys.stderr)
-        return 2
-    if info.get("data", {}).get("name") != "sinusoid":
-        print(f"error: {folder} is a {info.get('data', {}).get('name', 'non-sinusoid')} adapter; "
-              "this script draws sinusoid tasks (use serve.load for others)", file=sys.stderr)
-        return 2
     shots = info["data"]["k_shot"] if args.shots is None else args.shots
     if shots < 1 or args.queries < 1:
-        print("error: --shots and --queries must be >= 1", file=sys.stderr)
-        return 2
+        raise UsageError("--shots and --queries must be >= 1")
+    limits = Limits()  # what one call of an adapter takes (serve.validation)
+    if shots > limits.max_support or args.queries > limits.max_query:
+        raise UsageError(f"--shots and --queries must be at most {limits.max_support} and "
+                         f"{limits.max_query}, the examples one adapter call takes; got {shots} "
+                         f"and {args.queries}")
+    files = metadata.entry_files(info, folder, "onnx")
+    # a truncated or edited file is refused by its sha256, as serve.load does
+    metadata.verify_files(info, {**files, "init": folder / info["init"]})
     sx, sy, qx, qy, amplitude, phase = sinusoid_task(np.random.default_rng(args.seed), shots,
                                                      args.queries)
     sig = Signature.from_metadata(info)  # the checks every runtime makes (serve.validation)
-    sx, sy = check_support(sx, sy, sig, Limits())
-    qx = check_query(qx, sig, Limits())
-    files = info["files"]["onnx"]
-    adapt = ort.InferenceSession(str(folder / files["adapt"]))
-    predict = ort.InferenceSession(str(folder / files["predict"]))
+    sx, sy = check_support(sx, sy, sig, limits)
+    qx = check_query(qx, sig, limits)
+    adapt, predict = session(files["adapt"]), session(files["predict"])
     init = np.load(folder / info["init"])
     init = [init[f"p{i}"] for i in range(len(info["parameters"]))]
     before = predict.run(None, {**_weights(init), "query_x": qx})[0]
@@ -115,12 +127,15 @@ def main() -> int:
             data.unlink(missing_ok=True)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            print(f"error: --compare {args.compare}: the PyTorch inner loop failed ({last}); "
-                  "give the checkpoint this adapter was exported from", file=sys.stderr)
-            return 2
+            raise UsageError(f"--compare {args.compare}: the PyTorch inner loop failed ({last}); "
+                             "give the checkpoint this adapter was exported from")
         reference = np.asarray(json.loads(done.stdout.strip().splitlines()[-1]), np.float32)
         print(f"max |difference| to the PyTorch inner loop: {np.abs(after - reference).max():.2e}")
-    return 0
+
+
+def main() -> int:
+    args = parser().parse_args()
+    return exit_status(lambda: run(args))
 
 
 def _weights(values) -> dict[str, np.ndarray]:

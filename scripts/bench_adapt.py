@@ -30,16 +30,20 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from export.build import VerificationFailed, export_checkpoint  # noqa: E402
 from maml import checkpoint  # noqa: E402
 from maml.__main__ import main as maml_main  # noqa: E402
 from maml.adaptation import adapt, autograd_grad, functional_forward, step_size_table  # noqa: E402
+from maml.arguments import whole_numbers, writable_file  # noqa: E402
+from maml.errors import UsageError, exit_status  # noqa: E402
 from maml.experiment import restore  # noqa: E402
 from maml.higher_engine import adapt_predict  # noqa: E402
 
 ENGINES = ("eager", "higher", "torchscript", "pt2", "onnxruntime")
+NETS = ("cnn", "maxpool", "convnet")  # maml.models' Omniglot networks
 
 
 def interleaved_ms(fns: dict, warmup: int, repeats: int) -> dict[str, list[float]]:
@@ -61,9 +65,11 @@ def bench_model(model: str, steps_list: list[int], folder: Path, warmup: int, re
                 data_root: str) -> list[dict]:
     ckpt = folder / f"{model}.pt"
     if not ckpt.is_file():
-        assert maml_main(["train", "--dataset", "omniglot", "--model", model, "--iterations",
+        code = maml_main(["train", "--dataset", "omniglot", "--model", model, "--iterations",
                           "1", "--meta-batch-size", "1", "--val-tasks", "1", "--q-query", "15",
-                          "--data-root", data_root, "--checkpoint", str(ckpt), "--quiet"]) == 0
+                          "--data-root", data_root, "--checkpoint", str(ckpt), "--quiet"])
+        if code != 0:  # maml has said why, in one line
+            raise SystemExit(code)
     exp = restore(checkpoint.load(ckpt), str(ckpt), "cpu")
     batch = exp.source.sample(1, torch.Generator().manual_seed(0), "test")
     sx, sy, qx = batch.support_x[0], batch.support_y[0], batch.query_x[0]
@@ -141,19 +147,46 @@ def header() -> str:
             "|---|---:|" + "---:|" * len(ENGINES))
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="cnn,maxpool")
-    p.add_argument("--steps", default="1,3,5")
+    p.add_argument("--models", default="cnn,maxpool",
+                   help=f"comma-separated: {', '.join(NETS)} or package.module:factory")
+    p.add_argument("--steps", default="1,3,5", help="comma-separated inner-loop step counts")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--data-root", default="../shared/data/omniglot")
-    p.add_argument("--out", default="benchmarks/adapt_latency.json")
+    p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "omniglot"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "adapt_latency.json"))
     p.add_argument("--work", default=None,
                    help="folder for the checkpoints and adapters, reused if present "
                         "(default: a temporary folder)")
-    args = p.parse_args()
-    steps = [int(s) for s in args.steps.split(",")]
+    return p
+
+
+def check_args(args: argparse.Namespace) -> tuple[list[str], list[int]]:
+    """The models and step counts; a UsageError for what would fail later, results unsaved."""
+    models = args.models.split(",")
+    unknown = [m for m in models if m not in NETS and ":" not in m]
+    if unknown:
+        raise UsageError(f"--models: {unknown[0]!r} is not an Omniglot network; choose from "
+                         f"{', '.join(NETS)} (or give package.module:factory)")
+    steps = whole_numbers(args.steps, "--steps", "1,3,5")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be >= 1 (each cell is the median of that many runs), "
+                         f"got {args.repeats}")
+    writable_file(Path(args.out), "--out")
+    if args.work:
+        try:
+            Path(args.work).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--work {args.work} cannot be made a folder ({exc.strerror}); "
+                             "choose another --work") from None
+    return models, steps
+
+
+def run(args: argparse.Namespace) -> None:
+    models, steps = check_args(args)
     print(f"5-way 1-shot Omniglot, 75 queries, adapt+predict, median of {args.repeats} after "
           f"{args.warmup} warm-up runs; CPU: {os.cpu_count()} cores, torch threads "
           f"{torch.get_num_threads()}, {platform.processor() or platform.machine()}")
@@ -161,18 +194,20 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        for model in args.models.split(","):
+        for model in models:
             rows += bench_model(model, steps, work, args.warmup, args.repeats, args.data_root)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "task": "omniglot 5-way 1-shot, 75 queries", "device": "cpu",
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
         "warmup": args.warmup, "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
-    return 0
+
+
+def main() -> int:
+    args = parser().parse_args()
+    return exit_status(lambda: run(args))
 
 
 if __name__ == "__main__":

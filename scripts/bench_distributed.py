@@ -30,6 +30,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from maml.arguments import whole_numbers, writable_file  # noqa: E402
+from maml.errors import UsageError, exit_status  # noqa: E402
 
 WORKLOADS = {
     # name: (train arguments, iterations, warm-up iterations)
@@ -68,25 +72,41 @@ def measure(name: str, procs: int, device: str, threads: int) -> dict:
             "ms_per_iteration": 1000 * seconds / timed, "tasks_per_s": meta_batch * timed / seconds}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--procs", default=None, help="comma-separated process counts "
-                        "(default: 1,2 on CPU; 1..GPUs on CUDA)")
-    parser.add_argument("--workloads", default=",".join(WORKLOADS))
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per CPU process")
-    parser.add_argument("--out", default=None,
-                        help="JSON path (default benchmarks/distributed_<device>.json)")
-    opts = parser.parse_args()
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--procs", default=None, help="comma-separated process counts "
+                   "(default: 1,2 on CPU; 1..GPUs on CUDA)")
+    p.add_argument("--workloads", default=",".join(WORKLOADS),
+                   help=f"comma-separated, of {', '.join(WORKLOADS)}")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per CPU process")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default benchmarks/distributed_<device>.json)")
+    return p
+
+
+def run(opts: argparse.Namespace) -> None:
+    workloads = opts.workloads.split(",")
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown:
+        raise UsageError(f"--workloads: unknown workload {unknown[0]!r}; choose from "
+                         f"{', '.join(WORKLOADS)}")
+    if opts.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {opts.threads}")
     if opts.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but no CUDA GPU is available")
+        raise UsageError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
     gpus = torch.cuda.device_count() if opts.device == "cuda" else 0
     default = "1,2" if opts.device == "cpu" else ",".join(str(n) for n in range(1, gpus + 1))
-    procs = [int(n) for n in (opts.procs or default).split(",")]
+    procs = whole_numbers(opts.procs or default, "--procs", "1,2")
+    if opts.device == "cuda" and max(procs) > gpus:
+        raise UsageError(f"--procs {max(procs)} needs as many GPUs, but {gpus} are visible; "
+                         f"give at most {gpus}")
+    out = Path(opts.out or ROOT / "benchmarks" / f"distributed_{opts.device}.json")
+    writable_file(out, "--out")
     cores = os.cpu_count() or 1
     rows = []
     load_before = os.getloadavg()[0]
-    for name in opts.workloads.split(","):
+    for name in workloads:
         for n in procs:
             threads = opts.threads if opts.device == "cpu" else 1
             rows.append(measure(name, n, opts.device, threads))
@@ -108,11 +128,13 @@ def main() -> None:
               f"{r['ms_per_iteration']:.1f} | {r['tasks_per_s']:.1f} | "
               f"{base['ms_per_iteration'] / r['ms_per_iteration']:.2f}x |")
     print(f"\nmachine: {machine}")
-    out = Path(opts.out or ROOT / "benchmarks" / f"distributed_{opts.device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "results": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 
 
+def main() -> int:
+    return exit_status(lambda: run(parser().parse_args()))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

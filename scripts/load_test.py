@@ -30,18 +30,88 @@ from urllib.parse import urlparse
 import httpx
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from maml.arguments import writable_file  # noqa: E402
+from maml.errors import UsageError, exit_status, gist  # noqa: E402
+
 OPS = ("adapt", "predict", "stateless", "delete")
 
 
 def loopback_url(url: str) -> str:
-    host = urlparse(url).hostname or ""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise UsageError(f"--url {url} needs http:// and a host, such as http://127.0.0.1:8000")
+    try:
+        host, _ = parsed.hostname, parsed.port  # .port raises on a port out of range
+    except ValueError as exc:
+        raise UsageError(f"--url {url}: {exc}; give http://HOST:PORT") from None
     try:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
     except socket.gaierror:
-        sys.exit(f"error: cannot resolve {host!r}")
+        raise UsageError(f"cannot resolve {host!r} (--url {url}); give a loopback address, "
+                         "such as http://127.0.0.1:8000") from None
     if not addresses or not all(ipaddress.ip_address(a).is_loopback for a in addresses):
-        sys.exit(f"error: {url} is not a loopback address; this script only drives local services")
+        raise UsageError(f"{url} is not a loopback address; this script only drives local "
+                         "services")
     return url.rstrip("/")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse what would only show as a run full of errors, or a report lost at the end."""
+    if (args.url is None) == (args.adapter is None):
+        raise UsageError("pass exactly one of --url (a running service) and --adapter (an "
+                         "export directory to serve)")
+    for name in ("clients", "k_shot", "q_query", "server_threads"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.predicts < 0:
+        raise UsageError(f"--predicts must be >= 0, got {args.predicts}")
+    if not 0 < args.duration < float("inf"):
+        raise UsageError(f"--duration must be a number of seconds > 0, got {args.duration}")
+    if args.adapter is not None:  # what the service would refuse at its start, said here
+        from serve import metadata
+
+        folder, backend = metadata.locate(args.adapter, args.backend)
+        metadata.entry_files(metadata.read(folder), folder, backend)
+    if args.json_out is not None:
+        writable_file(args.json_out, "--json-out")
+
+
+def adapter_info(url: str, started: bool) -> dict:
+    """The service's adapter metadata (GET /v1/adapter), or a one-line reason there is none."""
+    try:
+        answer = httpx.get(url + "/v1/adapter", timeout=30)
+    except httpx.ConnectError as exc:
+        if started:
+            raise UsageError(f"the service started at {url} does not answer ({gist(exc)})") \
+                from None
+        raise UsageError(f"no service at {url} ({gist(exc)}); start python -m serve --adapter "
+                         "DIR --port PORT first, or use --adapter DIR") from None
+    except httpx.HTTPError as exc:
+        raise UsageError(f"{url}/v1/adapter failed ({gist(exc, typed=True)}); is it the "
+                         "adapter service (python -m serve)?") from None
+    try:
+        return answer.json()["metadata"]
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"{url}/v1/adapter answered HTTP {answer.status_code} without adapter "
+                         "metadata; is it the adapter service (python -m serve)?") from None
+
+
+def try_task(url: str, task: dict) -> None:
+    """One stateless adapt+predict before the clients start: a task the service refuses (too
+    many examples for its limits, say) is one error line, not a run full of them."""
+    try:
+        answer = httpx.post(url + "/v1/predict", content=json.dumps(task), timeout=60,
+                            headers={"content-type": "application/json"})
+    except httpx.HTTPError as exc:
+        raise UsageError(f"{url}/v1/predict failed ({gist(exc, typed=True)})") from None
+    if answer.status_code != 200:
+        try:
+            reason = answer.json()["error"]
+        except (ValueError, KeyError, TypeError):
+            reason = answer.text[:200]
+        raise UsageError(f"the service refuses this load's task (HTTP {answer.status_code}: "
+                         f"{reason}); change --k-shot / --q-query")
 
 
 def start_server(adapter: str, backend: str, threads: int) -> tuple[subprocess.Popen, str]:
@@ -58,7 +128,8 @@ def start_server(adapter: str, backend: str, threads: int) -> tuple[subprocess.P
     line = proc.stdout.readline() if proc.stdout else ""
     if " at http://" not in line:
         proc.kill()
-        sys.exit(f"error: the service did not start ({line.strip() or 'no output'})")
+        raise UsageError(f"the service did not start ({line.strip() or 'no output'}); see its "
+                         "message above")
     return proc, line.rsplit(" at ", 1)[1].strip()
 
 
@@ -125,7 +196,7 @@ def client(url: str, task: dict, predicts: int, deadline: float,
         errors += problems
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", help="a running service (loopback only)")
     p.add_argument("--adapter", help="export directory: start `python -m serve` on it")
@@ -137,19 +208,22 @@ def main() -> int:
     p.add_argument("--q-query", type=int, default=5)
     p.add_argument("--predicts", type=int, default=3, help="predictions per adapted task")
     p.add_argument("--json-out", type=Path)
-    args = p.parse_args()
-    if (args.url is None) == (args.adapter is None):
-        p.error("pass exactly one of --url and --adapter")
+    return p
+
+
+def run(args: argparse.Namespace) -> list[str]:
+    """The load test; returns the errors the clients met."""
+    check_args(args)
     proc = None
     if args.adapter:
         proc, url = start_server(args.adapter, args.backend, args.server_threads)
     else:
-        url = args.url
+        url = loopback_url(args.url)
     try:
-        url = loopback_url(url)
-        meta = httpx.get(url + "/v1/adapter", timeout=30).json()["metadata"]
+        meta = adapter_info(url, started=proc is not None)
         rng = np.random.default_rng(0)
         task = make_task(meta, args.k_shot, args.q_query, rng)
+        try_task(url, task)
         latencies: dict[str, list[float]] = defaultdict(list)
         errors: list[str] = []
         lock = threading.Lock()
@@ -189,7 +263,14 @@ def main() -> int:
             "support": len(task["support_x"]), "query": len(task["query_x"]),
             "operations": rows, "requests_per_s": total / elapsed, "errors": len(errors),
             "first_errors": errors[:5]}, indent=2))
-    return 1 if errors else 0
+    return errors
+
+
+def main() -> int:
+    args = parser().parse_args()
+    errors: list[str] = []
+    # bad input: one line and status 2; errors met under load: the report and status 1
+    return exit_status(lambda: errors.extend(run(args))) or (1 if errors else 0)
 
 
 if __name__ == "__main__":
