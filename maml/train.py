@@ -115,11 +115,11 @@ def _forget_after(metrics_file: Path, iteration: int) -> None:
 def stop_requests(say: Callable[[str], None], again_stops_now: bool = True) -> Iterator[list[int]]:
     """Within the block, the first SIGINT (Ctrl-C) or SIGTERM is recorded in the yielded list
     instead of stopping the process, so the loop can stop at the end of an iteration with a
-    checkpoint. The next one raises KeyboardInterrupt at once, or is ignored if not
-    `again_stops_now` (under torchrun, which sends every worker each signal it gets, so the
-    second one is usually the agent forwarding the first). Signals can only be caught on the main
-    thread; elsewhere the list stays empty and they act as usual. The stop at once is a
-    `Stopped` carrying the second signal, so the exit status says which it was."""
+    checkpoint. The next one stops at once (a `Stopped` carrying that signal, so the exit status
+    says which it was), or is ignored if not `again_stops_now` (under torchrun, which sends every
+    worker each signal it gets, so the second one is usually the agent forwarding the first).
+    Signals can only be caught on the main thread; elsewhere the list stays empty and they act
+    as usual."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
@@ -158,9 +158,10 @@ def writable_target(where: dict[str, Path], resume: bool, overwrite: bool) -> No
                          "to start again in its place, or choose another --checkpoint")
     shared = next((p for p in (where["metrics"], where["best"]) if p.exists()), None)
     if shared is not None and not (resume or overwrite):  # `runs/a` and `runs/a.pt` share them
-        raise UsageError(f"{shared} exists: another run's (such as {path.with_suffix('.pt')}), or "
-                         "one that stopped before its first checkpoint; add --overwrite to start "
-                         "again in its place, or choose another --checkpoint")
+        other = path.with_suffix("") if path.suffix == ".pt" else Path(f"{path}.pt")
+        raise UsageError(f"{shared} exists: it is the run {other}'s, or a run here stopped "
+                         "before its first checkpoint; add --overwrite to start again in its "
+                         "place, or choose another --checkpoint")
     blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise UsageError(f"--checkpoint {path}: {blocking} is a file, not a folder; choose "

@@ -169,7 +169,8 @@ def test_a_failed_overwrite_leaves_no_half_of_the_old_run(tmp_path):
     with pytest.raises(TrainingDiverged, match="no checkpoint of this run was written"):
         train(diverging, progress=False, overwrite=True)
     assert not where["latest"].exists() and not where["best"].exists()
-    with pytest.raises(UsageError, match="stopped before its first checkpoint; add --overwrite"):
+    with pytest.raises(UsageError, match="a run here stopped before its first checkpoint; add "
+                                         "--overwrite"):
         train(old, progress=False)  # its metrics lines are there: not replaced by accident
 
 
@@ -178,8 +179,8 @@ def test_runs_a_and_a_pt_share_files_so_a_new_one_is_refused(tmp_path):
     train(first, progress=False)
     where = paths(first.checkpoint)
     before = {p: p.read_bytes() for p in (where["metrics"], where["best"])}
-    with pytest.raises(UsageError, match=rf"{where['metrics']} exists: another run's \(such as "
-                                         rf"{tmp_path / 'col.pt'}\)"):
+    with pytest.raises(UsageError, match=re.escape(f"{where['metrics']} exists: it is the run "
+                                                   f"{tmp_path / 'col.pt'}'s")):
         train(dataclasses.replace(first, checkpoint=str(tmp_path / "col")), progress=False)
     assert {p: p.read_bytes() for p in before} == before
 
