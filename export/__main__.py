@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from maml.arguments import Parser
 from maml.errors import exit_status
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m export",
         description="Export a meta-trained checkpoint as a fixed-step adapter "
                     "(ONNX, TorchScript, torch.export .pt2) and verify it.")

@@ -1,12 +1,18 @@
-"""Checks of command-line values that the scripts share (numpy- and torch-free).
+"""Command-line parsing that the scripts and `python -m export` share (numpy- and torch-free).
 
-A benchmark or load test that runs for minutes must not find out at the end that its report
-cannot be written, or at the start only as a traceback: these turn such values into one-line
+`Parser` is argparse with the toolkit's way of refusing: one line `error: ...` (a misspelt
+option gets the closest real one) and exit status 2, as `python -m maml` does, instead of a usage
+block. A benchmark or load test that runs for minutes must not find out at the end that its
+report cannot be written: `whole_numbers` and `writable_file` turn such values into one-line
 `UsageError`s before any work starts.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from maml.errors import UsageError
@@ -39,3 +45,30 @@ def writable_file(path: Path, option: str) -> None:
             from None
     if not existed:
         path.unlink()
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line: `error: ...`, exit status 2, no usage block."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace=None):
+        tokens = sys.argv[1:] if args is None else list(args)
+        self._check_spelling(tokens)
+        return super().parse_known_args(tokens, namespace)
+
+    def _check_spelling(self, tokens: list[str]) -> None:
+        """An option this parser does not know, named with the closest one it does (checked
+        first, so `--checkpont x` is not reported as a missing --checkpoint)."""
+        known = [s for s in self._option_string_actions if s.startswith("--")]
+        for token in tokens:
+            if token == "--":
+                break
+            name = token.split("=", 1)[0]
+            if not name.startswith("--") or any(k.startswith(name) for k in known):
+                continue  # a value, or an option or an abbreviation argparse takes
+            close = difflib.get_close_matches(name, known, n=1)
+            self.error(f"unknown option {name}" + (f"; did you mean {close[0]}?" if close else
+                                                    f" (see {self.prog} --help)"))
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)

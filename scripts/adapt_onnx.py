@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from maml.arguments import Parser  # noqa: E402
 from maml.errors import UsageError, exit_status, gist  # noqa: E402
 from serve import metadata  # noqa: E402  (numpy only)
 from serve.validation import Limits, Signature, check_query, check_support  # noqa: E402
@@ -76,7 +77,7 @@ def sinusoid_task(rng: np.random.Generator, shots: int, queries: int):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("adapter")
     p.add_argument("--shots", type=int, default=None, help="default: the training shot count")
     p.add_argument("--queries", type=int, default=100)

@@ -37,7 +37,7 @@ from export.build import VerificationFailed, export_checkpoint  # noqa: E402
 from maml import checkpoint  # noqa: E402
 from maml.__main__ import main as maml_main  # noqa: E402
 from maml.adaptation import adapt, autograd_grad, functional_forward, step_size_table  # noqa: E402
-from maml.arguments import whole_numbers, writable_file  # noqa: E402
+from maml.arguments import Parser, whole_numbers, writable_file  # noqa: E402
 from maml.errors import UsageError, exit_status  # noqa: E402
 from maml.experiment import restore  # noqa: E402
 from maml.higher_engine import adapt_predict  # noqa: E402
@@ -148,7 +148,7 @@ def header() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="cnn,maxpool",
                    help=f"comma-separated: {', '.join(NETS)} or package.module:factory")
     p.add_argument("--steps", default="1,3,5", help="comma-separated inner-loop step counts")

@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from maml.arguments import whole_numbers, writable_file  # noqa: E402
+from maml.arguments import Parser, whole_numbers, writable_file  # noqa: E402
 from maml.errors import UsageError, exit_status  # noqa: E402
 
 WORKLOADS = {
@@ -73,7 +73,7 @@ def measure(name: str, procs: int, device: str, threads: int) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--procs", default=None, help="comma-separated process counts "
                    "(default: 1,2 on CPU; 1..GPUs on CUDA)")

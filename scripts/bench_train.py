@@ -30,7 +30,6 @@ pixels). CPU always, CUDA when present. Prints a markdown table; writes JSON und
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -42,6 +41,7 @@ import torch
 
 from maml import higher_engine
 from maml.adaptation import InnerLoop, use_batch_statistics
+from maml.arguments import Parser
 from maml.batched_engine import BatchedEngine, _PeakMemory
 from maml.models import maxpool_cnn, omniglot_cnn, sinusoid_mlp
 from maml.tasks import TaskBatch
@@ -234,7 +234,7 @@ def cpu_name() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=10, help="timed meta-iterations")
     parser.add_argument("--warmup", type=int, default=1, help="untimed meta-iterations first")
     parser.add_argument("--quick", action="store_true",

@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from maml.arguments import writable_file  # noqa: E402
+from maml.arguments import Parser, writable_file  # noqa: E402
 from maml.errors import UsageError, exit_status, gist  # noqa: E402
 
 OPS = ("adapt", "predict", "stateless", "delete")
@@ -197,7 +197,7 @@ def client(url: str, task: dict, predicts: int, deadline: float,
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--url", help="a running service (loopback only)")
     p.add_argument("--adapter", help="export directory: start `python -m serve` on it")
     p.add_argument("--backend", default="onnx")

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from maml import checkpoint  # noqa: E402
+from maml.arguments import Parser  # noqa: E402
 from maml.config import Config  # noqa: E402
 from maml.curves import plot_curves  # noqa: E402
 from maml.errors import Stopped, UsageError, exit_status  # noqa: E402
@@ -279,7 +280,7 @@ def plot_variants(out: Path) -> Path | None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("benchmark", nargs="?", choices=sorted(BENCHMARKS),
                    help="the benchmark to run, or continue where its folder has a checkpoint")
     p.add_argument("--minutes", type=float, default=None, help="training time for this slot")

@@ -1,5 +1,6 @@
 """scripts/bench_train.py runs and checks its rows (a GPU lease depends on it; timings untested)."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -44,7 +45,7 @@ def test_quick_on_a_cpu_times_conv_nets_in_chunks_and_refuses_an_unwritable_out(
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench_train
 
-    args = bench_train.argparse.Namespace(quick=True, chunked_only=False, compile=False,
+    args = argparse.Namespace(quick=True, chunked_only=False, compile=False,
                                           memory_budget_mb=1024.0, iterations=10)
     cpu = bench_train.torch.device("cpu")
     image, sine = bench_train.SETTINGS["5w1s q15 B32 5 steps"], bench_train.SETTINGS[

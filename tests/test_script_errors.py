@@ -108,3 +108,20 @@ def test_bench_distributed_names_the_workloads_and_refuses_zero_processes(tmp_pa
                    "--out", out)
     assert "--procs takes comma-separated whole numbers >= 1" in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command, line", [
+    (["-m", "export", "--checkpont", "x.pt", "--out", "a"],
+     "error: unknown option --checkpont; did you mean --checkpoint?"),
+    (["-m", "export", "--checkpoint", "x.pt"], "error: the following arguments are required: --out"),
+    (["scripts/reproduce.py", "sinusoid", "--minuts", "3"],
+     "error: unknown option --minuts; did you mean --minutes?"),
+    (["scripts/bench_train.py", "--iterations", "x"],
+     "error: argument --iterations: invalid int value: 'x'"),
+])
+def test_argument_errors_are_one_line_with_the_closest_option(command, line):
+    """As `python -m maml` does: no argparse usage block, a misspelt option named with the real
+    one (not reported as a missing --checkpoint)."""
+    done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert (done.returncode, done.stderr.strip(), done.stdout) == (2, line, "")
