@@ -12,12 +12,13 @@ import socket
 import sys
 from pathlib import Path
 
+from maml.arguments import Parser
 from maml.errors import UsageError
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python -m serve", description=__doc__.splitlines()[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--adapter", required=True, help="export directory (python -m export --out)")
     p.add_argument("--backend", choices=("onnx", "torchscript"), default="onnx",
                    help="run the adapter with onnxruntime, or with libtorch (TorchScript)")
