@@ -208,7 +208,9 @@ def run(name: str, args: argparse.Namespace) -> dict:
     for row in result["evaluations"]:
         row.pop("per_task")
     (folder / "result.json").write_text(json.dumps(result, indent=2))
-    print(f"  wrote {folder / 'result.json'} and {folder / 'curves.png'}")
+    print(f"  wrote {folder / 'result.json'} and {folder / 'curves.png'}\n")
+    header, rule, *rows = table(Path(args.out)).splitlines()
+    print("\n".join([header, rule, *(row for row in rows if row.startswith(f"| {name} |"))]))
     return result
 
 

@@ -18,6 +18,8 @@ def test_sinusoid_reproduction_end_to_end(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "sinusoid" / "result.json").read_text())
     # 60 of the protocol's 70000 iterations: a short run, never passed off as the protocol
+    assert "| benchmark | setting | paper |" in run.stdout  # the run's rows, as a table
+    assert "| sinusoid | 5-shot, 10 steps | 0.35 |" in run.stdout and "omniglot" not in run.stdout
     assert result["iterations"] == 60 and not result["complete"]
     assert result["protocol_iterations"] == 70000
     assert [(e["k_shot"], e["steps"]) for e in result["evaluations"]] == [
