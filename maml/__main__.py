@@ -454,9 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         fire.Fire(CLI(given), command=fire_argv(argv), name="python -m maml")
 
     code = exit_status(run)
-    from maml.distributed import exit_if_abandoned
+    from maml.distributed import exit_if_joined
 
-    exit_if_abandoned(code)  # a failed torchrun rank: no teardown that could abort (SIGABRT)
+    exit_if_joined(code)  # a torchrun rank: no interpreter teardown that could abort (SIGABRT)
     return code
 
 

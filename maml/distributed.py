@@ -61,6 +61,7 @@ from torch import Tensor
 from maml.errors import RankError, UsageError
 
 DEFAULT_TIMEOUT_S = 300.0
+_JOINED: list[str] = []  # the backend, once this process has joined a process group
 
 
 class DistributedError(RankError):
@@ -168,6 +169,7 @@ def start(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Ranks, str
     backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
     if not dist.is_initialized():
         with guard(ranks, f"the start-up of the {backend} process group"):
+            _JOINED.append(backend)
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                                     device_id=torch.device(device) if cuda else None)
     return ranks, device
@@ -189,16 +191,18 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
-def exit_if_abandoned(code: int) -> None:
-    """After a failed distributed run, end the process now with `code`.
+def exit_if_joined(code: int) -> None:
+    """After a command that joined a process group (a torchrun rank), end the process now with
+    `code`, whether the run failed or finished.
 
-    The process group is still up (`finish` runs only after a clean run), with gloo threads
-    mid-collective; tearing it down at interpreter exit can abort the process ("terminate called
-    without an active exception", SIGABRT), which replaced the one-line error's status 2 with
-    -6 in one CI run. Checkpoints are written atomically, so nothing is lost by skipping
-    interpreter teardown; the streams are flushed first so the error line is kept.
+    Gloo's threads are destroyed at interpreter exit, and that can abort the process ("terminate
+    called without an active exception", SIGABRT): after a failed run the group is still up
+    mid-collective (this replaced the one-line error's status 2 with -6 in one CI run), and even
+    after a clean `finish` one CI run in many still aborted there, after the run had finished,
+    which torchrun reports as a failed run. Checkpoints are written atomically and the streams
+    are flushed first, so nothing is lost by skipping interpreter teardown.
     """
-    if dist.is_available() and dist.is_initialized():
+    if _JOINED:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
