@@ -122,14 +122,32 @@ def check_options(argv: list[str]) -> frozenset[str]:
     return frozenset(given)
 
 
+JSON_OPTIONS = ("--model-kwargs", "--model_kwargs")
+
+
 def fire_argv(argv: list[str]) -> list[str]:
-    """`argv` as fire reads it. `check_options` accepts `--no-first-order`, the spelling most
-    tools use, but fire knows only `--nofirst-order` and would complain after the whole run:
-    every `--no-NAME` before a `--` becomes `--NAME=False`."""
+    """`argv` as fire reads it.
+
+    - `check_options` accepts `--no-first-order`, the spelling most tools use, but fire knows
+      only `--nofirst-order` and would complain after the whole run: every `--no-NAME` before a
+      `--` becomes `--NAME=False`.
+    - fire reads `{"bias": false}` as a Python literal, where bare `false` and `null` become the
+      strings 'false' and 'null' (and 'false' is true): a JSON option's text is passed on quoted,
+      so that `_kwargs` parses it as JSON.
+    """
     stop = argv.index("--") if "--" in argv else len(argv)
     negated = re.compile(r"--no[-_]([a-zA-Z][\w-]*)").fullmatch
-    return [f"--{m.group(1)}=False" if i < stop and (m := negated(t)) else t
-            for i, t in enumerate(argv)]
+    out: list[str] = []
+    for i, token in enumerate(argv):
+        name, eq, value = token.partition("=")
+        if i < stop and (m := negated(token)):
+            token = f"--{m.group(1)}=False"
+        elif i < stop and name in JSON_OPTIONS and eq:
+            token = f"{name}={value!r}"
+        elif 0 < i < stop and argv[i - 1] in JSON_OPTIONS:
+            token = repr(token)
+        out.append(token)
+    return out
 
 
 def _kwargs(value: Any) -> dict[str, Any]:

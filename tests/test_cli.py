@@ -94,6 +94,29 @@ def test_resume_compares_only_the_options_typed(tmp_path, capsys):
     assert "--seed 0 differs from the run being resumed (3 in" in line
 
 
+def test_model_kwargs_are_json(tmp_path, monkeypatch):
+    """JSON `false` and `null` reach the factory as False and None, in both spellings of the
+    option (fire alone would pass the strings 'false' and 'null', and 'false' is true)."""
+    (tmp_path / "json_kwargs_models.py").write_text(
+        "from torch import nn\n"
+        "def net(bias=True, width=None):\n"
+        "    return nn.Sequential(nn.Linear(1, width or 4), nn.ReLU(), nn.Linear(width or 4, 1, bias=bias))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = ["--model", "json_kwargs_models:net", "--meta-batch-size", "2", "--val-tasks", "2",
+              "--quiet"]
+    for n, option in enumerate((["--model-kwargs", '{"bias": false, "width": null}'],
+                                ['--model-kwargs={"bias": false, "width": null}'])):
+        ckpt = str(tmp_path / f"j{n}.pt")
+        assert main(["train", *option, *common, "--checkpoint", ckpt, "--iterations", "1"]) == 0
+        state = torch.load(ckpt, weights_only=True)
+        assert state["model"]["kwargs"] == {"bias": False, "width": None}
+        assert "2.bias" not in state["model"]["state_dict"]
+        assert main(["train", *option, *common, "--checkpoint", ckpt, "--iterations", "2",
+                     "--resume"]) == 0  # the same JSON is the same setting
+        assert torch.load(ckpt, weights_only=True)["iteration"] == 2
+
+
 def test_a_short_flag_names_one_option_or_is_refused(capsys):
     assert "-q is ambiguous for `train` (--q-query, --quiet)" in bad(capsys, "train", "-q", "5")
     assert "`train` has no option -z" in bad(capsys, "train", "-z", "5")
