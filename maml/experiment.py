@@ -90,9 +90,8 @@ def build(cfg: Config, split: dict[str, torch.Tensor] | None = None,
     n_way = cfg.n_way if source.kind == "classification" else None
     kwargs = model_kwargs(spec, cfg.model_kwargs if kwargs is None else kwargs, n_way)
     torch.manual_seed(cfg.seed)
-    example = torch.zeros(2, *source.input_shape)
-    model = build_model(spec, kwargs, example, source.output_shape).to(cfg.device,
-                                                                        DTYPES[cfg.dtype])
+    example = torch.zeros(2, *source.input_shape, dtype=DTYPES[cfg.dtype])
+    model = build_model(spec, kwargs, example, source.output_shape).to(cfg.device)
     n_tensors = len(list(model.parameters()))
     inner_lrs = None
     if cfg.learn_inner_lr:

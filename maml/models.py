@@ -128,7 +128,8 @@ def build_model(
 
     The dry run materialises lazy layers and turns an architecture that does not fit the task's
     input, or (given `output_shape`, per example) its targets, into a clear error instead of a
-    traceback during training, or a loss that silently broadcasts a wrong shape.
+    traceback during training, or a loss that silently broadcasts a wrong shape. The model's
+    floating-point weights take `example_input`'s dtype (the run's `--dtype`).
     """
     factory = _factory(spec)
     try:
@@ -144,6 +145,7 @@ def build_model(
     except ValueError as exc:
         raise UsageError(f"model {spec!r}: {exc}") from None
     use_batch_statistics(model)
+    model.to(example_input.dtype)  # a factory may build float64 (or float32) weights
     try:
         with torch.no_grad():
             outputs = model(example_input)

@@ -117,6 +117,23 @@ def test_model_kwargs_are_json(tmp_path, monkeypatch):
         assert torch.load(ckpt, weights_only=True)["iteration"] == 2
 
 
+def test_a_factory_may_build_float64_weights(tmp_path, monkeypatch):
+    """The run's --dtype decides, whatever dtype the factory's weights have."""
+    (tmp_path / "f64_models.py").write_text(
+        "from torch import nn\n"
+        "def net():\n"
+        "    return nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 1)).double()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for dtype in ("float32", "float64"):
+        ckpt = str(tmp_path / f"{dtype}.pt")
+        assert main(["train", "--model", "f64_models:net", "--dtype", dtype, "--iterations", "1",
+                     "--meta-batch-size", "2", "--val-tasks", "2", "--checkpoint", ckpt,
+                     "--quiet"]) == 0
+        weights = torch.load(ckpt, weights_only=True)["model"]["state_dict"].values()
+        assert {w.dtype for w in weights} == {getattr(torch, dtype)}
+
+
 def test_a_short_flag_names_one_option_or_is_refused(capsys):
     assert "-q is ambiguous for `train` (--q-query, --quiet)" in bad(capsys, "train", "-q", "5")
     assert "`train` has no option -z" in bad(capsys, "train", "-z", "5")
