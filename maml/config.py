@@ -101,6 +101,16 @@ class Config:
             raise UsageError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
         if self.dtype not in ("float32", "float64"):
             raise UsageError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        if self.model is not None and not isinstance(self.model, str):
+            given = (f"the class {self.model.__name__}" if isinstance(self.model, type)
+                     else f"a {type(self.model).__name__}")
+            raise UsageError(
+                f"model must be a built-in name or a 'package.module:factory' string, got "
+                f"{given}: checkpoints rebuild the model from that name, so put the model's "
+                "class or factory in an importable module and name it"
+            )
+        if not isinstance(self.model_kwargs, dict):
+            raise UsageError(f"model_kwargs must be a dict, got {type(self.model_kwargs).__name__}")
 
     def check(self) -> None:
         """Refuse settings no run can use (also those of a checkpoint, which may be damaged).

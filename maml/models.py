@@ -103,7 +103,10 @@ def _factory(spec: str):
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any import failure is the user's spec, not our bug
-        raise UsageError(f"model spec {spec!r}: cannot import {module_name!r} ({exc})") from None
+        hint = ""
+        if isinstance(exc, ModuleNotFoundError) and module_name.startswith(str(exc.name)):
+            hint = ("; run from the folder that holds it, or add that folder to PYTHONPATH")
+        raise UsageError(f"model spec {spec!r}: cannot import {module_name!r} ({exc}){hint}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UsageError(f"model spec {spec!r}: {module_name!r} has no callable {attr!r}")
@@ -135,7 +138,8 @@ def build_model(
     try:
         model = factory(**kwargs)
     except TypeError as exc:
-        raise UsageError(f"model {spec!r} rejected its arguments {kwargs}: {exc}") from None
+        raise UsageError(f"model {spec!r} rejected its arguments {kwargs}: {exc} (set them "
+                         "with --model-kwargs '{\"name\": value}')") from None
     except Exception as exc:  # the user's factory failed: name it and its error, no traceback
         raise UsageError(f"model factory {spec!r} raised {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):

@@ -206,6 +206,15 @@ def test_a_seed_torch_cannot_take_is_one_line(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_model_object_in_the_config_is_refused_with_the_fix(tmp_path):
+    """A notebook user passes the module itself: the run could not be rebuilt from a checkpoint,
+    so the error says to name an importable factory (it was an AttributeError deep inside)."""
+    for model, given in ((torch.nn.Linear(1, 1), "a Linear"), (torch.nn.Linear, "the class Linear")):
+        with pytest.raises(UsageError, match=f"got {given}: checkpoints rebuild the model"):
+            train(sinusoid_config(tmp_path, model=model), progress=False)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
     """A file-size limit makes the checkpoint write fail as a full disk would (EFBIG rather
     than ENOSPC): one line, exit status 1, the last good checkpoint intact, no temp file."""
