@@ -79,10 +79,28 @@ class InnerLoop:
 
 
 def task_loss(kind: str, outputs: Tensor, targets: Tensor) -> Tensor:
-    """Mean per-example loss: cross-entropy on class indices, or MSE on regression targets."""
+    """Mean per-example loss: cross-entropy on class indices, or MSE on regression targets.
+
+    Mismatched targets are refused: torch would broadcast MSE targets of another shape into a
+    wrong but finite loss (with a warning at most), or read float labels as probabilities."""
+    if not isinstance(outputs, Tensor):
+        raise TypeError(f"the model returns a {type(outputs).__name__}, not one tensor: the loss "
+                        "needs the predictions (or logits) alone, so return only those")
     if kind == "cross_entropy":
+        if targets.is_floating_point() or targets.shape != outputs.shape[:-1]:
+            raise ValueError(
+                f"cross-entropy needs integer class labels of shape {tuple(outputs.shape[:-1])} "
+                f"for logits of shape {tuple(outputs.shape)}, got {targets.dtype} labels of "
+                f"shape {tuple(targets.shape)}"
+            )
         return F.cross_entropy(outputs, targets)
     if kind == "mse":
+        if targets.shape != outputs.shape:
+            raise ValueError(
+                f"MSE needs targets of the outputs' shape {tuple(outputs.shape)}, got "
+                f"{tuple(targets.shape)} (a regression target keeps its last dimension: "
+                "(examples, 1), not (examples,))"
+            )
         return F.mse_loss(outputs, targets)
     raise ValueError(f"unknown loss {kind!r}; expected one of {LOSSES}")
 

@@ -88,12 +88,32 @@ def _copy64(model: nn.Module, lrs: Tensor | None) -> tuple[nn.Module, Tensor | N
     return twin, twin_lrs
 
 
-def model_failure(exc: Exception, inner: InnerLoop, purpose: str) -> str:
-    """The one line for a model that fails in the inner loop itself, whatever the engine."""
+def model_failure(exc: Exception, inner: InnerLoop, purpose: str,
+                  first_order_works: bool = False) -> str:
+    """The one line for a model that fails in the inner loop itself, whatever the engine.
+
+    It suggests --first-order only when the same tasks pass with it (`first_order_works`): a
+    wrong label or output fails either way, and the hint would send the user the wrong way."""
     what = "meta-trained" if purpose == "train" else "adapted to a task"
     hint = ("; second-order MAML differentiates the inner loop's gradients, --first-order does not"
-            if purpose == "train" and not inner.first_order else "")
+            if first_order_works else "")
     return f"the model cannot be {what}: {gist(exc, typed=True)}{hint}"
+
+
+def _passes_first_order(model: nn.Module, lrs: Tensor | None, batch: TaskBatch,
+                        inner: InnerLoop, purpose: str) -> bool:
+    """Whether a failing second-order meta-gradient goes through at first order."""
+    if purpose != "train" or inner.first_order:
+        return False
+    own = copy.deepcopy(model)
+    own_lrs = None if lrs is None else nn.Parameter(lrs.detach().clone())
+    probe = batch.chunk(0, min(PROBE_TASKS, len(batch)))
+    with torch.random.fork_rng(devices=[]):
+        try:
+            _reference(own, own_lrs, probe, dataclasses.replace(inner, first_order=True), purpose)
+        except Exception:
+            return False
+    return True
 
 
 def _reference(model: nn.Module, lrs: Tensor | None, probe: TaskBatch, inner: InnerLoop,
@@ -128,7 +148,8 @@ def batched_problem(
             try:
                 _reference(own, own_lrs, probe, inner, purpose)
             except Exception as own_exc:
-                raise UsageError(model_failure(own_exc, inner, purpose)) from None
+                works = _passes_first_order(model, learned_lrs, probe, inner, purpose)
+                raise UsageError(model_failure(own_exc, inner, purpose, works)) from None
             return f"it fails in float64, where the engines are compared ({gist(exc, 160)})"
         twin, lrs = _copy64(model, learned_lrs)
         probe = probe.to(probe.support_x.device, torch.float64)
@@ -180,8 +201,13 @@ class SelectedEngine:
         return None if engine is None else ("higher" if engine is higher_engine else "batched")
 
     def _decide(self, model, learned_lrs, batch, inner, purpose: str):
-        with evaluation_mode(model) if purpose == "eval" else nullcontext():
-            higher_wrong = higher_engine.routing_problem(model, batch.support_x[0])
+        try:
+            with evaluation_mode(model) if purpose == "eval" else nullcontext():
+                higher_wrong = higher_engine.routing_problem(model, batch.support_x[0])
+        except (UsageError, torch.cuda.OutOfMemoryError):
+            raise
+        except Exception as exc:  # its forward fails through functional_call: on any engine
+            raise UsageError(model_failure(exc, inner, purpose)) from None
         if self.options.name == "higher":
             if higher_wrong:
                 raise UsageError(f"--engine higher cannot run this model: {higher_wrong}; "
@@ -217,14 +243,16 @@ class SelectedEngine:
             self.chosen[purpose] = self._decide(model, learned_lrs, batch, inner, purpose)
         return self.chosen[purpose]
 
-    def _first(self, purpose: str, call: Callable[[], object], inner: InnerLoop):
+    def _first(self, purpose: str, call: Callable[[], object], inner: InnerLoop,
+               model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch):
         """Run an engine's first call for `purpose`; a failure of the model's own is one line."""
         try:
             return call()
         except (UsageError, torch.cuda.OutOfMemoryError):
             raise
         except RuntimeError as exc:
-            raise UsageError(model_failure(exc, inner, purpose)) from None
+            works = _passes_first_order(model, learned_lrs, batch, inner, purpose)
+            raise UsageError(model_failure(exc, inner, purpose, works)) from None
 
     def meta_gradient(
         self, model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop
@@ -233,7 +261,8 @@ class SelectedEngine:
         engine = self._engine("train", model, learned_lrs, batch, inner)
         if first:
             return self._first(
-                "train", lambda: engine.meta_gradient(model, learned_lrs, batch, inner), inner)
+                "train", lambda: engine.meta_gradient(model, learned_lrs, batch, inner), inner,
+                model, learned_lrs, batch)
         return engine.meta_gradient(model, learned_lrs, batch, inner)
 
     def adapt_predict(
@@ -243,7 +272,8 @@ class SelectedEngine:
         engine = self._engine("eval", model, learned_lrs, batch, inner)
         if first:
             return self._first(
-                "eval", lambda: engine.adapt_predict(model, learned_lrs, batch, inner), inner)
+                "eval", lambda: engine.adapt_predict(model, learned_lrs, batch, inner), inner,
+                model, learned_lrs, batch)
         return engine.adapt_predict(model, learned_lrs, batch, inner)
 
 

@@ -76,6 +76,8 @@ def routing_problem(model: nn.Module, x: Tensor) -> str | None:
 
     def differs(weights: list[Tensor]) -> bool:
         a, b = outputs(weights)
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+            return False  # not one tensor: the loss names that, whatever the engine
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             return False  # diverged weights: nothing to compare; the callers name non-finite
         return not bool(((a - b).norm() <= 1e-4 * b.norm().clamp_min(1e-12)).item())
@@ -84,7 +86,9 @@ def routing_problem(model: nn.Module, x: Tensor) -> str | None:
         problem = None
         try:
             wrong = differs([nudged(p) for p in base])
-        except Exception as exc:  # higher cannot patch the model at all
+        except Exception as exc:  # higher cannot patch the model, or the model cannot run at all
+            # a model that fails through functional_call too fails on any engine: its own error
+            torch.func.functional_call(copy.deepcopy(model), dict(zip(names, base)), (x,))
             problem = f"higher's functional view of it fails ({gist(exc, 160, typed=True)})"
             wrong = False
         if wrong:
@@ -169,6 +173,7 @@ def adapt_predict(
     """Adapt to every task of `batch` and return the query outputs, stacked `(B, Q, ...)`.
 
     `plain`: as for `meta_gradient`."""
+    check_adaptable(model)
     params = tuple(p.detach().requires_grad_() for p in model.parameters())
     lrs = None if learned_lrs is None else learned_lrs.detach()
     table = step_size_table(

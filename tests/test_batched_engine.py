@@ -574,6 +574,51 @@ def test_a_model_without_a_second_derivative_is_one_line_on_every_engine():
     first_order.meta_gradient(model, None, batch, InnerLoop("mse", 1, 0.05, first_order=True))
 
 
+def test_wrong_targets_are_refused_the_same_way_by_every_engine():
+    """The loss itself refuses targets torch would broadcast (regression targets without their
+    last dimension) or misread (float class labels), so the library API fails loudly, and no
+    engine blames it on second order."""
+    torch.manual_seed(0)
+    sine = sine_batch().to("cpu", torch.float32)
+    flat = TaskBatch(sine.support_x, sine.support_y, sine.query_x, sine.query_y.squeeze(-1))
+    classes = TaskBatch(torch.randn(2, 3, 4), torch.tensor([[0, 1, 2]] * 2).float(),
+                        torch.randn(2, 3, 4), torch.tensor([[0, 1, 2]] * 2))
+    cases = [(sinusoid_mlp(), flat, "mse", r"MSE needs targets of the outputs' shape \(\d+, 1\), "
+              r"got \(\d+,\)"),
+             (nn.Linear(4, 3), classes, "cross_entropy", "cross-entropy needs integer class "
+              r"labels of shape \(3,\) for logits of shape \(3, 3\), got torch.float32")]
+    for model, batch, loss, message in cases:
+        for name in ("higher", "batched", "auto"):
+            engine = SelectedEngine(EngineOptions(name=name), warn=lambda line: None)
+            with pytest.raises((ValueError, UsageError), match=message) as refused:
+                engine.meta_gradient(model, None, batch, InnerLoop(loss, 1, 0.05))
+            assert "--first-order" not in str(refused.value)
+
+
+class TupleOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(1, 1)
+
+    def forward(self, x):
+        return self.lin(x), x
+
+
+def test_a_model_that_fails_on_any_engine_is_not_sent_to_another():
+    """A model whose own forward or output is wrong gets its own error from every engine, not
+    advice to switch engines or to go first order."""
+    batch = sine_batch().to("cpu", torch.float32)
+    for model, message in ((TupleOutput(), "the model returns a tuple, not one tensor"),
+                           (sinusoid_mlp().double(), "must have the same dtype")):
+        for name in ("higher", "auto"):
+            engine = SelectedEngine(EngineOptions(name=name), warn=lambda line: None)
+            with pytest.raises((TypeError, RuntimeError, UsageError), match=message) as refused:
+                engine.meta_gradient(model, None, batch, InnerLoop("mse", 1, 0.05))
+            assert "--engine" not in str(refused.value) and "--first-order" not in str(refused.value)
+    with pytest.raises(ValueError, match="the model has no parameters"):
+        higher_engine.adapt_predict(nn.ReLU(), None, batch, InnerLoop("mse", 1, 0.05))
+
+
 class Float32Inside(nn.Module):
     def __init__(self):
         super().__init__()
