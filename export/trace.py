@@ -182,6 +182,12 @@ def trace(
         except UsageError:
             raise
         except Exception as exc:
+            if "mutate a captured Tensor" in str(exc):
+                raise UsageError(
+                    "cannot trace the adaptation routine: the model's forward changes a buffer "
+                    "in place (a counter or a running statistic); the adapter is a pure function "
+                    "of its inputs, so keep forward free of in-place updates to buffers "
+                    "(batch norm: track_running_stats=False)") from None
             raise UsageError(f"cannot trace the adaptation routine: {gist(exc, 300)}") from None
         return gm, mode.shape_env
 

@@ -166,3 +166,20 @@ class _PerExample(nn.Module):
 def per_example_mlp() -> nn.Module:
     """A forward that loops over its examples in Python: traced, it fixes their number."""
     return _PerExample()
+
+
+class _Counting(nn.Module):
+    """Counts its calls in a buffer: a side effect the exported pure function cannot keep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+        self.body = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.body(x)
+
+
+def counting_mlp() -> nn.Module:
+    return _Counting()

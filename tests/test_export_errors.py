@@ -151,6 +151,19 @@ def test_a_random_forward_is_refused(tmp_path, capsys):
     assert not (tmp_path / "a").exists()
 
 
+def test_a_forward_that_changes_a_buffer_is_named(tmp_path, capsys):
+    """It trains (with the higher engine), but the adapter cannot keep the side effect: the
+    refusal names the buffer update, not torch.func's words about captured tensors."""
+    ckpt = train_one_iteration(tmp_path / "c.pt", "--model", "tests.export_models:counting_mlp",
+                               "--engine", "higher")
+    code, line = run_main(capsys, "--checkpoint", str(ckpt), "--out", str(tmp_path / "a"),
+                          "--formats", "torchscript", "--steps", "1")
+    assert code == 2
+    assert line.startswith("error: cannot trace the adaptation routine: the model's forward "
+                           "changes a buffer in place")
+    assert not (tmp_path / "a").exists()
+
+
 def test_infinite_step_size_is_refused(tmp_path, sinusoid_ckpt, capsys):
     code, line = run_main(capsys, "--checkpoint", str(sinusoid_ckpt), "--out",
                           str(tmp_path / "a"), "--inner-lr", "inf")
