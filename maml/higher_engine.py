@@ -97,8 +97,9 @@ def routing_problem(model: nn.Module, x: Tensor) -> str | None:
             shown = ", ".join(ignored[:4]) + (f" and {len(ignored) - 4} more"
                                               if len(ignored) > 4 else "")
             problem = (f"the higher library ignores the adapted values of {shown or 'its weights'} "
-                       "(a layer that reads another layer's weights itself, as "
-                       "nn.MultiheadAttention reads out_proj, keeps the originals)")
+                       "(higher keeps the original values of parameters held in an "
+                       "nn.ParameterList or nn.ParameterDict, and of a layer's weights that "
+                       "another layer reads itself, as nn.MultiheadAttention reads out_proj)")
     _ROUTING[model] = problem
     return problem
 

@@ -446,6 +446,25 @@ def test_weights_higher_ignores_are_named_and_auto_trains_the_batched_engine():
     assert len(lines) == 1 and lines[0].startswith("engine auto: batched (the higher library")
 
 
+class Scaled(nn.Module):
+    """An MLP scaled by parameters in an nn.ParameterList, which higher leaves unadapted."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = sinusoid_mlp(hidden=8)
+        self.scales = nn.ParameterList([nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1))])
+
+    def forward(self, x):
+        return self.body(x) * self.scales[0] + self.scales[1]
+
+
+def test_a_parameter_list_is_named_as_what_higher_ignores():
+    torch.manual_seed(0)
+    model, batch = Scaled().double(), sine_batch()
+    problem = higher_engine.routing_problem(model, batch.support_x[0])
+    assert "scales.0, scales.1" in problem and "nn.ParameterList" in problem
+
+
 def test_evaluation_probe_takes_a_step_even_when_the_first_call_takes_none():
     """Evaluation first asks for 0-step predictions: nothing is differentiated there, so a model
     vmap cannot differentiate would pass a probe of that call and fail on the next."""
