@@ -372,7 +372,7 @@ class CLI:
         if task_chunk is not None:
             cfg.task_chunk = task_chunk
         cfg.cuda_graphs = False  # graph capture is for the training step only
-        chosen = select_engine(engine or cfg.engine, cfg)
+        chosen = select_engine(engine or cfg.engine, cfg, ranks)
         gen = torch.Generator().manual_seed(seed)
         with tqdm(total=tasks, desc="evaluate", disable=quiet or json or not ranks.is_main) as bar:
             result = evaluate(exp.model, exp.inner_lrs, exp.source, cfg.inner_loop(steps), tasks,

@@ -48,11 +48,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -252,6 +254,40 @@ def max_over_ranks(values: Sequence[int], ranks: Ranks) -> list[int]:
     with guard(ranks, "the exchange of the decision to stop"):
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return [int(v) for v in tensor.tolist()]
+
+
+def check_same_settings(settings: dict[str, Any], ranks: Ranks) -> None:
+    """Raise on every rank if any rank's `settings` differ from rank 0's.
+
+    On several machines each one is started by its own command, and a rank with another seed,
+    meta-batch or step size would still join the collectives: the run would train on a mix of
+    task streams and report rank 0's settings. Rank 0's settings travel as JSON bytes in CPU
+    tensors (gloo on every backend); the rank that differs names the options."""
+    if ranks.world == 1:
+        return
+    what = "the check that all processes were started with the same settings"
+    mine = json.dumps(settings, sort_keys=True).encode()
+    size = torch.tensor([len(mine) if ranks.is_main else 0], dtype=torch.int64)
+    with guard(ranks, what):
+        dist.broadcast(size, src=0)
+        data = (torch.frombuffer(bytearray(mine), dtype=torch.uint8) if ranks.is_main
+                else torch.zeros(int(size.item()), dtype=torch.uint8))
+        dist.broadcast(data, src=0)
+    main = json.loads(bytes(data.tolist()))
+    settings = json.loads(mine)  # compared as JSON on both sides (tuples are lists there)
+    differ = [k for k in sorted(set(settings) | set(main)) if settings.get(k) != main.get(k)]
+    count = ranks.sum(torch.tensor([float(bool(differ))], dtype=torch.float64), what).item()
+    if differ:
+        shown = "; ".join(f"{'--' + k.replace('_', '-') if k != 'iteration' else 'iteration'} "
+                          f"{json.dumps(settings.get(k))} here, {json.dumps(main.get(k))} on "
+                          "rank 0" for k in differ)
+        raise DistributedError(f"[rank {ranks.rank}/{ranks.world}] started with other settings "
+                               f"than rank 0 ({shown}): start every process with the same "
+                               "command (and, to resume, the same checkpoint)")
+    if count > 0:
+        raise DistributedError(f"[rank {ranks.rank}/{ranks.world}] {int(count)} process(es) were "
+                               "started with other settings than rank 0 (their lines name them); "
+                               "start every process with the same command")
 
 
 def _fingerprint(tensors: Sequence[Tensor]) -> Tensor:

@@ -277,12 +277,13 @@ class SelectedEngine:
         return engine.adapt_predict(model, learned_lrs, batch, inner)
 
 
-def select(options: EngineOptions) -> SelectedEngine:
-    """The engine for a run; applies the global TF32 opt-in now (it affects both engines)."""
+def select(options: EngineOptions, warn: Callable[[str], None] | None = None) -> SelectedEngine:
+    """The engine for a run; applies the global TF32 opt-in now (it affects both engines).
+    `warn` prints the engine's one-line notices (default: standard error)."""
     if options.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return SelectedEngine(options)
+    return SelectedEngine(options, warn)
 
 
 def options_from(name: str, cfg=None) -> EngineOptions:

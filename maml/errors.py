@@ -103,11 +103,13 @@ def _status(run: Callable[[], object]) -> int:
             print(f"stopped: {exc}", file=sys.stderr)
         return exc.status
     except KeyboardInterrupt:
-        print("stopped: interrupted (Ctrl-C)", file=sys.stderr)
+        if not _secondary_rank():
+            print("stopped: interrupted (Ctrl-C)", file=sys.stderr)
         return 128 + signal.SIGINT
-    except OSError as exc:
+    except OSError as exc:  # the machine's own file system: said once per machine, as above
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"error: {exc.strerror or exc}{where}; check the path, its permissions and the free "
-              "space", file=sys.stderr)
+        if not _secondary_rank():
+            print(f"error: {exc.strerror or exc}{where}; check the path, its permissions and the "
+                  "free space", file=sys.stderr)
         return 1
     return 0

@@ -53,11 +53,13 @@ class TrainingDiverged(UsageError):
     """The meta-loss became non-finite."""
 
 
-def select_engine(name: str, cfg: Config | None = None):
-    """The engine for `--engine` with the run's engine settings (see `maml.engine_select`)."""
+def select_engine(name: str, cfg: Config | None = None, ranks: Ranks = SINGLE):
+    """The engine for `--engine` with the run's engine settings (see `maml.engine_select`);
+    under torchrun rank 0 alone prints its notices (every rank makes the same decision)."""
     from maml.engine_select import options_from, select
 
-    return select(options_from(name, cfg))
+    quiet = None if ranks.is_main else (lambda line: None)
+    return select(options_from(name, cfg), quiet)
 
 
 def paths(ckpt: str | Path) -> dict[str, Path]:
@@ -210,7 +212,12 @@ def train(
     if ranks.world > cfg.meta_batch_size:
         raise UsageError(f"--meta-batch-size {cfg.meta_batch_size} is smaller than the {ranks.world} "
                          f"processes; every process needs at least one task")
-    engine = select_engine(cfg.engine, cfg)
+    machine_own = ("checkpoint", "data_root", "device", "download", "task_chunk",
+                   "memory_budget_mb")  # may differ between machines without changing the run
+    distributed.check_same_settings(
+        {**{k: v for k, v in cfg.to_dict().items() if k not in machine_own},
+         "iteration": 0 if state is None else state["iteration"]}, ranks)
+    engine = select_engine(cfg.engine, cfg, ranks)
     distributed.broadcast_from_main(list(exp.model.buffers()) + exp.meta_parameters, ranks)
     fused = True if torch.device(cfg.device).type == "cuda" else None  # one kernel per step
     opt = torch.optim.Adam(exp.meta_parameters, lr=cfg.meta_lr, fused=fused)

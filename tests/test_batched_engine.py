@@ -446,6 +446,23 @@ def test_weights_higher_ignores_are_named_and_auto_trains_the_batched_engine():
     assert len(lines) == 1 and lines[0].startswith("engine auto: batched (the higher library")
 
 
+def test_engine_notices_come_from_rank_zero_alone(capsys):
+    """Every rank makes the same engine decision; one line says so, not one per rank."""
+    from maml.distributed import Ranks
+    from maml.train import select_engine
+
+    torch.manual_seed(0)
+    model = omniglot_cnn(n_way=2, hidden=4)
+    use_batch_statistics(model)
+    batch = TaskBatch(torch.rand(2, 2, 1, 28, 28), torch.tensor([[0, 1]] * 2),
+                      torch.rand(2, 2, 1, 28, 28), torch.tensor([[0, 1]] * 2))
+    for rank, expected in ((1, ""), (0, "engine auto: higher (the loop is faster")):
+        engine = select_engine("auto", None, Ranks(rank=rank, world=2))
+        engine.meta_gradient(copy.deepcopy(model), None, batch, InnerLoop("cross_entropy", 1, 0.4))
+        err = capsys.readouterr().err
+        assert err.startswith(expected) if expected else err == "", err
+
+
 class Scaled(nn.Module):
     """An MLP scaled by parameters in an nn.ParameterList, which higher leaves unadapted."""
 

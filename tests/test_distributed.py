@@ -185,6 +185,44 @@ def test_a_lost_rank_stops_the_others_with_one_line(tmp_path, fault):
     assert torch.load(tmp_path / "run.pt", weights_only=True)["iteration"] == 1
 
 
+def test_ranks_started_with_other_settings_are_refused_by_name(tmp_path):
+    """On several machines each is started by its own command; a rank with another seed and
+    meta-batch used to train silently on a mix of task streams. Now every rank refuses, the
+    rank that differs naming the options, before any training and any checkpoint."""
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    port = str(free_port())
+    common = ["train", "--iterations", "2", "--val-tasks", "2", "--dist-timeout", "60",
+              "--engine", "higher", "--quiet"]
+    own = [["--meta-batch-size", "4", "--checkpoint", str(tmp_path / "a" / "run.pt")],
+           ["--meta-batch-size", "6", "--seed", "3", "--checkpoint", str(tmp_path / "b" / "run.pt")]]
+    procs = []
+    for rank in range(2):  # rank 1's checkpoint path is its machine's own: not a difference
+        env = {"RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONPATH": str(ROOT)}
+        procs.append(subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "dist_worker.py"), str(ready), "none",
+             *common, *own[rank]], cwd=ROOT, env={**os.environ, **env},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    errs = []
+    try:
+        for proc in procs:
+            errs.append(proc.communicate(timeout=120)[1].strip().splitlines())
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert [proc.returncode for proc in procs] == [2, 2], errs
+    assert errs[1] == ["error: [rank 1/2] started with other settings than rank 0 "
+                       "(--meta-batch-size 6 here, 4 on rank 0; --seed 3 here, 0 on rank 0): "
+                       "start every process with the same command (and, to resume, the same "
+                       "checkpoint)"], errs
+    assert errs[0] == ["error: [rank 0/2] 1 process(es) were started with other settings than "
+                       "rank 0 (their lines name them); start every process with the same "
+                       "command"], errs
+    assert not (tmp_path / "a" / "run.pt").exists() and not (tmp_path / "b" / "run.pt").exists()
+
+
 def test_ctrl_c_stops_every_rank_after_the_same_iteration_with_a_checkpoint(tmp_path):
     """Ctrl-C reaches the whole process group, and torchrun's agent forwards it to each worker
     again: every rank must still finish the iteration together and rank 0 write it."""

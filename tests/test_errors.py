@@ -1,6 +1,9 @@
-"""`maml.errors.gist`: how another library's error is quoted inside one of ours."""
+"""`maml.errors`: how another library's error is quoted inside one of ours (`gist`), and how a
+command ends (`exit_status`)."""
 
-from maml.errors import gist
+import pytest
+
+from maml.errors import UsageError, exit_status, gist
 
 
 def test_gist_is_the_first_non_empty_line():
@@ -32,3 +35,25 @@ def test_gist_cuts_a_single_long_token_at_the_limit():
 
 def test_gist_keeps_a_message_that_fits():
     assert gist(RuntimeError("a" * 50), limit=50) == "a" * 50
+
+
+def fail(exc: BaseException):
+    def run():
+        raise exc
+    return run
+
+
+@pytest.mark.parametrize("local_rank, printed", [("0", True), ("1", False)])
+def test_a_machine_s_own_errors_are_said_once_per_machine(monkeypatch, capsys, local_rank,
+                                                          printed):
+    """Under torchrun the processes of one machine share its files and its Ctrl-C: the first
+    process alone says so; every process still ends with the status."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    cases = [(OSError(28, "No space left on device"), 1, "error: No space left on device"),
+             (KeyboardInterrupt(), 130, "stopped: interrupted (Ctrl-C)"),
+             (UsageError("bad"), 2, "error: bad")]
+    for exc, status, line in cases:
+        assert exit_status(fail(exc)) == status
+        err = capsys.readouterr().err
+        assert (err.startswith(line) if printed else err == ""), err

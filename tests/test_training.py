@@ -230,7 +230,8 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_
                           text=True, timeout=120)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1 and len(lines) == 1, done.stderr[-2000:]
-    assert lines[0].startswith("error: File too large"), lines
+    named = re.match(r"error: File too large \((.+)\); check the path", lines[0])
+    assert named and named.group(1) in (str(ckpt), str(tmp_path / "run.best.pt")), lines
     assert ckpt.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.best.pt", "run.metrics.jsonl",
                                                           "run.pt"]
