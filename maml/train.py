@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import signal
@@ -64,11 +65,35 @@ def select_engine(name: str, cfg: Config | None = None, ranks: Ranks = SINGLE):
 
 def paths(ckpt: str | Path) -> dict[str, Path]:
     """The files of the run at `ckpt`: `<run>.pt` with `<run>.best.pt` and `<run>.metrics.jsonl`
-    beside it. Only `.pt` is dropped: `lr0.01` and `lr0.05` are two runs, not two `lr0`s."""
+    beside it, and `<run>.lock` while a process trains it. Only `.pt` is dropped: `lr0.01` and
+    `lr0.05` are two runs, not two `lr0`s."""
     ckpt = Path(ckpt)
     stem = ckpt.with_suffix("") if ckpt.suffix == ".pt" else ckpt
     return {"latest": ckpt, "best": Path(f"{stem}.best.pt"),
-            "metrics": Path(f"{stem}.metrics.jsonl")}
+            "metrics": Path(f"{stem}.metrics.jsonl"), "lock": Path(f"{stem}.lock")}
+
+
+@contextlib.contextmanager
+def run_lock(where: dict[str, Path], held: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on the run's `<run>.lock` (`held`: on rank 0 only), so that a
+    second process started on the same checkpoint is refused instead of interleaving its
+    metrics lines and checkpoints with the first's. The kernel releases the lock when the
+    process ends, however it ends; the file is removed when the run ends."""
+    if not held:
+        yield
+        return
+    lock = where["lock"]
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another process is training the run at {where['latest']} (it "
+                             f"holds {lock}); wait for it to end, or choose another "
+                             "--checkpoint") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
 
 
 def _validate(exp: Experiment, engine, ranks: Ranks = SINGLE) -> dict[str, Any]:
@@ -186,10 +211,20 @@ def train(
     run keeps the checkpoint's settings except `cfg`'s iterations and device and those named in
     `given` (the ones the caller chose) that may change between slots (`config.resumed`).
     With `ranks` (a torchrun launch) every rank runs this same function on its share of tasks.
-    An existing run at `cfg.checkpoint` is only replaced with `overwrite`.
+    An existing run at `cfg.checkpoint` is only replaced with `overwrite`, and one process at a
+    time trains it (`run_lock`).
     """
     where = paths(cfg.checkpoint)
     writable_target(where, resume, overwrite)
+    with run_lock(where, ranks.is_main):
+        writable_target(where, resume, overwrite)  # again: a run started meanwhile has ended
+        return _train(cfg, where, resume, progress, max_minutes, ranks, given, overwrite)
+
+
+def _train(cfg: Config, where: dict[str, Path], resume: bool, progress: bool,
+           max_minutes: float | None, ranks: Ranks, given: Collection[str],
+           overwrite: bool) -> dict[str, Any]:
+    """`train`'s run, once the checkpoint's files are this process's to write."""
     if resume:
         state = checkpoint.load(where["latest"])
         lacking = [key for key in ("optimizer", "rng", "metrics") if key not in state]

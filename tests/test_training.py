@@ -206,6 +206,25 @@ def test_a_seed_torch_cannot_take_is_one_line(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_second_process_on_the_same_run_is_refused(tmp_path):
+    """Two runs started together on one checkpoint both passed the 'already holds a run' check
+    and interleaved their metrics lines mid-line. The run's lock now refuses the second (here
+    held through another open file, as another process would), and goes when the run ends."""
+    import fcntl
+
+    cfg = sinusoid_config(tmp_path, iterations=2)
+    lock = paths(cfg.checkpoint)["lock"]
+    with open(lock, "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UsageError, match=re.escape(
+                f"another process is training the run at {cfg.checkpoint} (it holds {lock})")):
+            train(cfg, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["run.lock"]  # nothing of a run written
+    train(cfg, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.best.pt", "run.metrics.jsonl",
+                                                          "run.pt"]
+
+
 def test_a_model_object_in_the_config_is_refused_with_the_fix(tmp_path):
     """A notebook user passes the module itself: the run could not be rebuilt from a checkpoint,
     so the error says to name an importable factory (it was an AttributeError deep inside)."""
@@ -334,8 +353,8 @@ def test_a_signal_mid_run_stops_after_the_iteration_with_a_checkpoint(tmp_path, 
     train(straight, progress=False)
     real_select, calls = maml.train.select_engine, []
 
-    def signalling_engine(name, cfg=None):
-        engine = real_select(name, cfg)
+    def signalling_engine(name, cfg=None, *rest):
+        engine = real_select(name, cfg, *rest)
         real_step = engine.meta_gradient
 
         def meta_gradient(*args, **kwargs):
