@@ -90,6 +90,8 @@ def run_lock(where: dict[str, Path], held: bool = True) -> Iterator[None]:
             raise UsageError(f"another process is training the run at {where['latest']} (it "
                              f"holds {lock}); wait for it to end, or choose another "
                              "--checkpoint") from None
+        except OSError:  # a file system without locks: train unguarded rather than not at all
+            pass
         try:
             yield
         finally:
