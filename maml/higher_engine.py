@@ -88,7 +88,8 @@ def routing_problem(model: nn.Module, x: Tensor) -> str | None:
             wrong = differs([nudged(p) for p in base])
         except Exception as exc:  # higher cannot patch the model, or the model cannot run at all
             # a model that fails through functional_call too fails on any engine: its own error
-            torch.func.functional_call(copy.deepcopy(model), dict(zip(names, base)), (x,))
+            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+                torch.func.functional_call(copy.deepcopy(model), dict(zip(names, base)), (x,))
             problem = f"higher's functional view of it fails ({gist(exc, 160, typed=True)})"
             wrong = False
         if wrong:
