@@ -25,7 +25,13 @@ import numpy as np
 from maml.errors import UsageError
 from serve import metadata
 from serve.backends import Backend, make_backend
-from serve.image_input import check_pixel_budget, images_to_inputs, is_image_list, read_images
+from serve.image_input import (
+    check_pixel_budget,
+    images_to_inputs,
+    is_image_list,
+    labels,
+    read_images,
+)
 from serve.validation import Limits, Signature, check_query, check_size, check_support
 
 
@@ -91,7 +97,7 @@ class Adapter:
             else:
                 check_size(x, name, self.limits.max_support, "max_support")
             return images_to_inputs(x, self.metadata.get("preprocessing"),
-                                    self.signature.input_shape)
+                                    self.signature.input_shape, name)
         return x
 
     def support_inputs(self, support_x: Any, support_y: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -121,8 +127,9 @@ class Adapter:
         if is_image_list(support_x) and is_image_list(query_x):
             check_size(support_x, "support_x", self.limits.max_support, "max_support")
             check_size(query_x, "query_x", self.limits.max_query, "max_query")
-            support_x, query_x = read_images(support_x), read_images(query_x)
-            check_pixel_budget(support_x + query_x)
+            support_x, query_x = read_images(support_x, "support_x"), read_images(query_x, "query_x")
+            check_pixel_budget(support_x + query_x, labels("support_x", len(support_x))
+                               + labels("query_x", len(query_x)))
         x, y = self.support_inputs(support_x, support_y)
         q = self.query_inputs(query_x)
         return finite_outputs(self.backend.adapt_predict(x, y, q))

@@ -61,27 +61,32 @@ def check_preprocessing(preprocessing: dict[str, Any] | None, input_shape: Seque
                          f"{tuple(input_shape)}; send arrays")
 
 
-def read_images(sources: Sequence[ImageSource]) -> list[bytes]:
+def labels(name: str, count: int) -> list[str]:
+    """How errors name the images of one set: "query_x image 2" (or "image 2" without a name)."""
+    return [f"{name} image {i}" if name else f"image {i}" for i in range(count)]
+
+
+def read_images(sources: Sequence[ImageSource], name: str = "") -> list[bytes]:
     """The bytes of each image (bytes pass through; paths are read), nothing decoded."""
-    return [_read(source, i) for i, source in enumerate(sources)]
+    return [_read(source, label) for source, label in zip(sources, labels(name, len(sources)))]
 
 
-def _read(source: ImageSource, index: int) -> bytes:
+def _read(source: ImageSource, label: str) -> bytes:
     if isinstance(source, bytes | bytearray | memoryview):
         return bytes(source)
     path = Path(source)
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise UsageError(f"image {index} ({path}) cannot be read: {exc.strerror}") from None
+        raise UsageError(f"{label} ({path}) cannot be read: {exc.strerror}") from None
 
 
-def _unreadable(exc: Exception, index: int) -> UsageError:
+def _unreadable(exc: Exception, label: str) -> UsageError:
     reason = (str(exc) or type(exc).__name__).split(" <_io.")[0]  # not the buffer's repr
-    return UsageError(f"image {index} is not a readable PNG or JPEG ({reason})")
+    return UsageError(f"{label} is not a readable PNG or JPEG ({reason})")
 
 
-def image_size(data: bytes, index: int = 0) -> tuple[int, int]:
+def image_size(data: bytes, label: str = "image 0") -> tuple[int, int]:
     """`(width, height)` from the image's header (nothing is decoded), within `MAX_PIXELS`."""
     from PIL import Image  # Pillow only when images are sent
 
@@ -89,18 +94,19 @@ def image_size(data: bytes, index: int = 0) -> tuple[int, int]:
         with Image.open(io.BytesIO(data), formats=FORMATS) as image:
             width, height = image.size
     except Exception as exc:  # Pillow raises many types (SyntaxError, EOFError, ...) on bad data
-        raise _unreadable(exc, index) from None
+        raise _unreadable(exc, label) from None
     if width * height > MAX_PIXELS or min(width, height) < 1:
-        raise UsageError(f"image {index} is {width}x{height}; send images of at most "
+        raise UsageError(f"{label} is {width}x{height}; send images of at most "
                          f"{MAX_PIXELS} pixels")
     return width, height
 
 
-def check_pixel_budget(images: Sequence[bytes]) -> None:
-    """Refuse the images of one call whose headers add up to more than `MAX_TOTAL_PIXELS`."""
+def check_pixel_budget(images: Sequence[bytes], names: Sequence[str] | None = None) -> None:
+    """Refuse the images of one call whose headers add up to more than `MAX_TOTAL_PIXELS`
+    (`names`: how errors name each image, default "image i")."""
     total = 0
-    for i, data in enumerate(images):
-        width, height = image_size(data, i)
+    for data, label in zip(images, names or labels("", len(images)), strict=True):
+        width, height = image_size(data, label)
         total += width * height
     if total > MAX_TOTAL_PIXELS:
         raise UsageError(f"the {len(images)} images have {total} pixels in all, over the limit "
@@ -119,11 +125,15 @@ def _eight_bit_gray(image: Any) -> Any:
     return Image.fromarray(gray, "L")
 
 
-def grayscale_pixels(data: bytes, index: int = 0) -> np.ndarray:
-    """Decode PNG / JPEG bytes to a square uint8 grayscale array, paper = 255."""
+def grayscale_pixels(data: bytes, label: str = "image 0") -> np.ndarray:
+    """Decode PNG / JPEG bytes to a square uint8 grayscale array, paper = 255.
+
+    An image whose edge is dark on average is refused: it is light ink on dark paper (a
+    dark-mode canvas, a negative), which the adapter would read as a page full of ink and
+    answer with a confident, wrong prediction."""
     from PIL import Image, ImageOps  # Pillow only when images are sent
 
-    image_size(data, index)
+    image_size(data, label)
     try:
         with Image.open(io.BytesIO(data), formats=FORMATS) as image:
             image.load()
@@ -136,7 +146,12 @@ def grayscale_pixels(data: bytes, index: int = 0) -> np.ndarray:
                 image = Image.alpha_composite(paper, rgba)
             gray = np.asarray(image.convert("L"), dtype=np.uint8)
     except Exception as exc:  # Pillow raises many types (SyntaxError, EOFError, ...) on bad data
-        raise _unreadable(exc, index) from None
+        raise _unreadable(exc, label) from None
+    edge = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if edge.mean() < 128:
+        raise UsageError(f"{label} has a dark edge (mean {edge.mean():.0f} of 255): the adapter "
+                         "expects dark ink on light paper; invert light-on-dark images before "
+                         "sending them")
     h, w = gray.shape
     side = max(h, w)
     square = np.full((side, side), 255, dtype=np.uint8)
@@ -147,18 +162,20 @@ def grayscale_pixels(data: bytes, index: int = 0) -> np.ndarray:
 
 def images_to_inputs(
     sources: Sequence[ImageSource], preprocessing: dict[str, Any] | None,
-    input_shape: Sequence[int],
+    input_shape: Sequence[int], name: str = "",
 ) -> np.ndarray:
-    """Image files or bytes to float32 `(N, 1, size, size)` inputs, as `adapter.json` says."""
+    """Image files or bytes to float32 `(N, 1, size, size)` inputs, as `adapter.json` says
+    (`name`, such as "query_x", names the set in errors)."""
     check_preprocessing(preprocessing, input_shape)
     assert preprocessing is not None
     size = int(preprocessing["size"])
     ink, paper = float(preprocessing.get("ink", 1.0)), float(preprocessing.get("background", 0.0))
-    images = read_images(sources)
-    check_pixel_budget(images)  # from the headers, before any image is decoded
+    images = read_images(sources, name)
+    names = labels(name, len(images))
+    check_pixel_budget(images, names)  # from the headers, before any image is decoded
     out = np.empty((len(images), 1, size, size), dtype=np.float32)
     for i, data in enumerate(images):
-        darkness = preprocess_grayscale(grayscale_pixels(data, i), size,
+        darkness = preprocess_grayscale(grayscale_pixels(data, names[i]), size,
                                         ink_is_dark=True)  # in [0, 1], 1 where the ink is
         out[i, 0] = paper + (ink - paper) * darkness
     return out

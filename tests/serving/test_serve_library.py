@@ -126,6 +126,24 @@ def test_one_call_s_images_share_one_pixel_budget(omniglot, monkeypatch):
                                atol=1e-5)
 
 
+def test_image_errors_name_the_set_and_the_image(omniglot):
+    """A bad query image is named as such, also when adapt-and-predict reads both sets at once
+    (it was numbered after the support images there)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (28, 28), 255).save(buf, format="PNG")
+    good = [buf.getvalue()] * 5
+    adapter = serve.load(omniglot.directory)
+    labels = np.arange(5)
+    for call in (lambda q: adapter.adapt_predict(good, labels, q),
+                 lambda q: adapter.adapt(good, labels).predict(q)):
+        with pytest.raises(UsageError, match="query_x image 2 is not a readable PNG or JPEG"):
+            call(good[:2] + [b"not an image"])
+    with pytest.raises(UsageError, match="support_x image 1 is not a readable PNG or JPEG"):
+        adapter.adapt_predict(good[:1] + [b"not an image"] + good[2:], labels, good)
+
+
 def test_load_resolves_files_and_backends(sine):
     d = sine.directory
     assert serve.load(d / "adapter.json").backend.name == "onnx"
