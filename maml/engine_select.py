@@ -88,8 +88,7 @@ def _copy64(model: nn.Module, lrs: Tensor | None) -> tuple[nn.Module, Tensor | N
     return twin, twin_lrs
 
 
-def model_failure(exc: Exception, inner: InnerLoop, purpose: str,
-                  first_order_works: bool = False) -> str:
+def model_failure(exc: Exception, purpose: str, first_order_works: bool = False) -> str:
     """The one line for a model that fails in the inner loop itself, whatever the engine.
 
     It suggests --first-order only when the same tasks pass with it (`first_order_works`): a
@@ -149,7 +148,7 @@ def batched_problem(
                 _reference(own, own_lrs, probe, inner, purpose)
             except Exception as own_exc:
                 works = _passes_first_order(model, learned_lrs, probe, inner, purpose)
-                raise UsageError(model_failure(own_exc, inner, purpose, works)) from None
+                raise UsageError(model_failure(own_exc, purpose, works)) from None
             return f"it fails in float64, where the engines are compared ({gist(exc, 160)})"
         twin, lrs = _copy64(model, learned_lrs)
         probe = probe.to(probe.support_x.device, torch.float64)
@@ -207,7 +206,7 @@ class SelectedEngine:
         except (UsageError, torch.cuda.OutOfMemoryError):
             raise
         except Exception as exc:  # its forward fails through functional_call: on any engine
-            raise UsageError(model_failure(exc, inner, purpose)) from None
+            raise UsageError(model_failure(exc, purpose)) from None
         if self.options.name == "higher":
             if higher_wrong:
                 raise UsageError(f"--engine higher cannot run this model: {higher_wrong}; "
@@ -252,7 +251,7 @@ class SelectedEngine:
             raise
         except RuntimeError as exc:
             works = _passes_first_order(model, learned_lrs, batch, inner, purpose)
-            raise UsageError(model_failure(exc, inner, purpose, works)) from None
+            raise UsageError(model_failure(exc, purpose, works)) from None
 
     def meta_gradient(
         self, model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop

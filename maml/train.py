@@ -54,6 +54,10 @@ class TrainingDiverged(UsageError):
     """The meta-loss became non-finite."""
 
 
+# settings each machine of a torchrun launch may have its own of, without changing the run
+MACHINE_OWN = ("checkpoint", "data_root", "device", "download", "task_chunk", "memory_budget_mb")
+
+
 def select_engine(name: str, cfg: Config | None = None, ranks: Ranks = SINGLE):
     """The engine for `--engine` with the run's engine settings (see `maml.engine_select`);
     under torchrun rank 0 alone prints its notices (every rank makes the same decision)."""
@@ -219,7 +223,7 @@ def train(
     where = paths(cfg.checkpoint)
     writable_target(where, resume, overwrite)
     with run_lock(where, ranks.is_main):
-        writable_target(where, resume, overwrite)  # again: a run started meanwhile has ended
+        writable_target(where, resume, overwrite)  # again, under the lock: the last holder may have written
         return _train(cfg, where, resume, progress, max_minutes, ranks, given, overwrite)
 
 
@@ -249,10 +253,8 @@ def _train(cfg: Config, where: dict[str, Path], resume: bool, progress: bool,
     if ranks.world > cfg.meta_batch_size:
         raise UsageError(f"--meta-batch-size {cfg.meta_batch_size} is smaller than the {ranks.world} "
                          f"processes; every process needs at least one task")
-    machine_own = ("checkpoint", "data_root", "device", "download", "task_chunk",
-                   "memory_budget_mb")  # may differ between machines without changing the run
     distributed.check_same_settings(
-        {**{k: v for k, v in cfg.to_dict().items() if k not in machine_own},
+        {**{k: v for k, v in cfg.to_dict().items() if k not in MACHINE_OWN},
          "iteration": 0 if state is None else state["iteration"]}, ranks)
     engine = select_engine(cfg.engine, cfg, ranks)
     distributed.broadcast_from_main(list(exp.model.buffers()) + exp.meta_parameters, ranks)
