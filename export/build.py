@@ -70,7 +70,7 @@ def write_formats(r: Routine, task: Example, formats: tuple[str, ...], folder: P
         example = example_inputs(r, entry, *task)
         if "torchscript" in formats or "pt2" in formats:
             if entry == "adapt_predict":
-                gm = compose(graphs["adapt"], graphs["predict"], len(r.init))
+                gm = compose(graphs["adapt"], graphs["predict"], len(r.state_names))
             else:
                 gm = graphs[entry] = trace(r, entry, example)
             if "torchscript" in formats:
@@ -80,7 +80,7 @@ def write_formats(r: Routine, task: Example, formats: tuple[str, ...], folder: P
         if "onnx" in formats:
             if entry == "adapt_predict":
                 model = onnx_format.compose(onnx_models["adapt"], onnx_models["predict"],
-                                            len(r.init))
+                                            r.state_names)
             else:
                 gm = trace(r, entry, example, onnx_decompositions())
                 model = onnx_format.to_onnx(gm, example, r.input_names(entry),
@@ -116,7 +116,7 @@ def export_checkpoint(
     n_way = exp.cfg.n_way if classification else None
     learned = learned_step_sizes(exp, inner_lr)
     lr = exp.cfg.inner_lr if inner_lr is None else inner_lr
-    inner = InnerLoop(exp.cfg.loss, int(r.step_sizes.shape[0]), lr)
+    inner = InnerLoop(exp.cfg.loss, int(r.step_sizes.shape[0]), lr, norm=r.norm)
     info = facts(exp, r, inner_lr, n_way, list(task[1].shape[1:]))
     with bundle.staging(Path(out), every_file) as folder:
         log(f"exporting {checkpoint_path} ({exp.model_spec}, {inner.steps} steps, "
@@ -134,13 +134,19 @@ def export_checkpoint(
                 + "".join(f"; ill-conditioned task: the reference is {e['float32_error']:.2e} "
                           f"from float64, which moves by {e['perturbation_spread']:.2e} when the "
                           f"support moves by {PERTURBATION:g}"
-                          for e in verification["ill_conditioned"]))
+                          for e in verification["ill_conditioned"])
+                + ("" if verification["one_at_a_time_max_abs_diff"] is None else
+                   "; each query alone against all together: " + ", ".join(
+                       f"{f} {d:.2e}" for f, d in
+                       verification["one_at_a_time_max_abs_diff"].items())))
             if not verification["passed"]:
                 raise VerificationFailed(
                     f"verification failed: max |difference| {diffs} (tolerance {TOLERANCE:g} x the "
                     f"task's largest |output| if over 1, "
                     f"or twice the task's float32 noise on an ill-conditioned task; "
-                    f"argmax equal: {verification['argmax_equal']}); nothing was written")
+                    f"argmax equal: {verification['argmax_equal']}; one query at a time against "
+                    f"all together: {verification['one_at_a_time_max_abs_diff']}, tolerance "
+                    f"{verification['one_at_a_time_tolerance']}); nothing was written")
         info = manifest(info, chosen, folder, verification)
         (folder / "adapter.json").write_text(json.dumps(info, indent=2) + "\n")
     log(f"wrote {out}")

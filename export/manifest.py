@@ -23,7 +23,12 @@ FORMAT = "maml-toolkit/adapter-v1"
 FORMATS = ("onnx", "torchscript", "pt2")
 SUFFIX = {"onnx": "onnx", "torchscript": "ts", "pt2": "pt2"}
 INIT = "init.npz"  # the meta-learned weights p0..p{n-1} (numpy), e.g. to predict unadapted
-BATCH_NORM = "batch statistics (support batch in adapt, query batch in predict)"
+BATCH_NORM = {
+    "transductive": "batch statistics (support batch in adapt, query batch in predict)",
+    "support": "batch statistics of the support batch in adapt; predict normalises every query "
+               "with the support set's moments m0.. (a mean and a variance per batch-norm layer, "
+               "in call order), so each query's output depends on that query alone",
+}
 
 
 def file_names(formats: tuple[str, ...]) -> dict[str, dict[str, str]]:
@@ -76,7 +81,10 @@ def facts(
         "step_sizes_source": "learned" if learned_step_sizes(exp, lr) is not None else "constant",
         "parameters": [{"name": n, "shape": list(p.shape)}
                        for n, p in zip(r.names, r.init, strict=True)],
-        "batch_norm": BATCH_NORM,
+        "batch_norm": BATCH_NORM[r.norm],
+        "norm": {"mode": r.norm,
+                 "moments": [{"name": f"m{i}", "shape": list(shape)}
+                             for i, shape in enumerate(r.moment_shapes)]},
         "preprocessing": preprocessing,
         "data": {**source.describe(), "split": "test"},
         "model": {"spec": exp.model_spec, "kwargs": exp.model_kwargs},

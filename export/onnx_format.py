@@ -82,14 +82,15 @@ def _outputs_from_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def compose(adapt: onnx.ModelProto, predict: onnx.ModelProto, n_params: int) -> onnx.ModelProto:
+def compose(adapt: onnx.ModelProto, predict: onnx.ModelProto,
+            state: list[str]) -> onnx.ModelProto:
     """`adapt_predict` as the adapt graph feeding the predict graph (the same two graphs, and
     one export instead of a third, slower one)."""
     first = compose_lib.add_prefix(adapt, "adapt/", rename_inputs=False, rename_outputs=False)
     second = compose_lib.add_prefix(predict, "predict/", rename_inputs=False,
                                     rename_outputs=False)
     return compose_lib.merge_models(first, second,
-                                    io_map=[(f"p{i}", f"p{i}") for i in range(n_params)])
+                                    io_map=[(name, name) for name in state])
 
 
 def save(model: onnx.ModelProto, path: Path, metadata: dict[str, str]) -> None:

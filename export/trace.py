@@ -7,6 +7,10 @@ backward operators of each SGD step included, so the graphs need no autograd at 
 Only the number of support examples `S` and of queries `Q` are symbolic; every other size is
 fixed by the model. The meta-learned init and the step-size table become constants of the graph.
 
+A task's adapted state is what `adapt` returns and `predict` takes: the weights `p0..`, then, in
+the `support` normalisation mode, the support set's batch-norm moments `m0..` (`maml.norms`), so
+that `predict` answers each query on its own.
+
 Three layers are traced in an equivalent form whose backward is made of plain operators:
 attention in its math form (the CPU's fused kernel has a backward operator ONNX cannot express),
 recurrent layers without mkldnn (`mkldnn_rnn_layer`, likewise), and a biased linear layer on
@@ -39,13 +43,15 @@ from torch.overrides import TorchFunctionMode
 from maml.adaptation import (
     Forward,
     Params,
-    adapt,
+    adapt_task,
     evaluation_mode,
     functional_forward,
     step_size_table,
 )
 from maml.errors import UsageError, gist, shorten
 from maml.experiment import Experiment
+from maml.norms import predict as norm_predict
+from maml.norms import support_moments
 
 ENTRY_POINTS = ("adapt", "predict", "adapt_predict")
 
@@ -59,15 +65,22 @@ class Routine:
     names: tuple[str, ...]
     step_sizes: Tensor  # (steps, n_params)
     loss: str
+    norm: str = "transductive"
+    moment_shapes: tuple[tuple[int, ...], ...] = ()  # (channels,) per mean and per variance
+
+    @property
+    def state_names(self) -> list[str]:
+        """A task's adapted state, as `adapt` returns it: weights `p*`, then moments `m*`."""
+        return ([f"p{i}" for i in range(len(self.init))]
+                + [f"m{i}" for i in range(len(self.moment_shapes))])
 
     def input_names(self, entry: str) -> list[str]:
         """The positional inputs of `entry`, named as the contract says."""
-        weights = [f"p{i}" for i in range(len(self.init))]
-        return {"adapt": ["support_x", "support_y"], "predict": [*weights, "query_x"],
+        return {"adapt": ["support_x", "support_y"], "predict": [*self.state_names, "query_x"],
                 "adapt_predict": ["support_x", "support_y", "query_x"]}[entry]
 
     def output_names(self, entry: str) -> list[str]:
-        return [f"p{i}" for i in range(len(self.init))] if entry == "adapt" else ["outputs"]
+        return self.state_names if entry == "adapt" else ["outputs"]
 
 
 def routine(exp: Experiment, steps: int | None = None, lr: float | None = None) -> Routine:
@@ -93,7 +106,11 @@ def routine(exp: Experiment, steps: int | None = None, lr: float | None = None) 
         with evaluation_mode(model):
             return forward(params, x)
 
-    return Routine(deterministic, init, names, table.clone(), cfg.loss)
+    norm = cfg.norm or "transductive"
+    with torch.no_grad():  # the moments' shapes: one forward of two examples
+        probe = torch.zeros(2, *exp.source.input_shape)
+        shapes = tuple(tuple(m.shape) for m in support_moments(deterministic, init, probe, norm))
+    return Routine(deterministic, init, names, table.clone(), cfg.loss, norm, shapes)
 
 
 def learned_step_sizes(exp: Experiment, lr: float | None) -> Tensor | None:
@@ -111,25 +128,33 @@ def func_grad(loss_of: Callable[[Params], Tensor], params: Params) -> Params:
 def entry_functions(r: Routine) -> dict[str, Callable[..., Any]]:
     """The three entry points as plain functions of their positional tensors."""
 
-    def adapt_(support_x: Tensor, support_y: Tensor) -> Params:
-        return adapt(r.forward, r.init, support_x, support_y, r.loss, r.step_sizes, func_grad)
+    n = len(r.init)
+
+    def adapt_(support_x: Tensor, support_y: Tensor) -> tuple[Tensor, ...]:
+        fast, moments = adapt_task(r.forward, r.init, support_x, support_y, r.loss,
+                                   r.step_sizes, func_grad, r.norm)
+        return (*fast, *moments)
 
     def predict(*args: Tensor) -> Tensor:
-        return r.forward(tuple(args[:-1]), args[-1])
+        state = args[:-1]
+        return norm_predict(r.forward, tuple(state[:n]), tuple(state[n:]), args[-1], r.norm)
 
     def adapt_predict(support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
-        return r.forward(adapt_(support_x, support_y), query_x)
+        return predict(*adapt_(support_x, support_y), query_x)
 
     return {"adapt": adapt_, "predict": predict, "adapt_predict": adapt_predict}
 
 
 def example_inputs(r: Routine, entry: str, sx: Tensor, sy: Tensor, qx: Tensor) -> tuple:
-    return {"adapt": (sx, sy), "predict": (*r.init, qx), "adapt_predict": (sx, sy, qx)}[entry]
+    with torch.no_grad():
+        moments = support_moments(r.forward, r.init, sx, r.norm)
+    return {"adapt": (sx, sy), "predict": (*r.init, *moments, qx),
+            "adapt_predict": (sx, sy, qx)}[entry]
 
 
 def dynamic_inputs(r: Routine, entry: str) -> list[bool]:
-    """Whether each input's first dimension (S or Q) is dynamic: all but the weights."""
-    return [not name.startswith("p") for name in r.input_names(entry)]
+    """Whether each input's first dimension (S or Q) is dynamic: the examples', not the state's."""
+    return [name in ("support_x", "support_y", "query_x") for name in r.input_names(entry)]
 
 
 def _fake(mode: FakeTensorMode, t: Tensor, dynamic: bool) -> Tensor:
@@ -269,7 +294,7 @@ def _where_fixed(env: ShapeEnv, make_graph: Callable[[], object]) -> str:
     return f" (at {', calling '.join(shown)})"
 
 
-def compose(adapt_gm: GraphModule, predict_gm: GraphModule, n_params: int) -> GraphModule:
+def compose(adapt_gm: GraphModule, predict_gm: GraphModule, n_state: int) -> GraphModule:
     """`adapt_predict` as a graph calling the traced `adapt` then `predict` graphs (no third
     trace, and the very graphs the other two entry points are made of)."""
     root = torch.nn.Module()
@@ -277,7 +302,7 @@ def compose(adapt_gm: GraphModule, predict_gm: GraphModule, n_params: int) -> Gr
     graph = torch.fx.Graph()
     sx, sy, qx = (graph.placeholder(n) for n in ("support_x", "support_y", "query_x"))
     weights = graph.call_module("adapt", (sx, sy))
-    params = [graph.call_function(operator.getitem, (weights, i)) for i in range(n_params)]
+    params = [graph.call_function(operator.getitem, (weights, i)) for i in range(n_state)]
     graph.output(graph.call_module("predict", (*params, qx)))
     return GraphModule(root, graph)
 

@@ -52,8 +52,13 @@ PERTURBED_RUNS = 4
 REFERENCE = {True: "maml.higher_engine.adapt_predict",  # keyed by `routes_through_higher`
              False: "maml.higher_engine.adapt_predict(plain=True)"}
 
+ALONE_TOLERANCE = 1e-5
+"""For an adapter that normalises with the support set: how far (relative to the task's largest
+|output|, at least 1) predicting the queries one at a time may differ from all together."""
+
 Runner = Callable[[np.ndarray, np.ndarray, np.ndarray], list[np.ndarray]]
-"""`(support_x, support_y, query_x) -> [adapt_predict outputs, predict(adapt) outputs]`."""
+"""`(support_x, support_y, query_x) -> [adapt_predict outputs, predict(adapt) outputs,
+predict(adapt) with each query alone]`."""
 
 
 def sample_tasks(exp: Experiment, per_shot: int, seed: int) -> list[TaskBatch]:
@@ -156,12 +161,13 @@ def onnx_runner(folder: Path, files: dict[str, str]) -> Runner:
         return ort.InferenceSession(str(folder / name), providers=["CPUExecutionProvider"])
 
     adapt, predict, both = (session(files[e]) for e in ("adapt", "predict", "adapt_predict"))
+    names = [o.name for o in adapt.get_outputs()]
 
     def run(sx, sy, qx):
-        weights = adapt.run(None, {"support_x": sx, "support_y": sy})
-        feeds = {f"p{i}": w for i, w in enumerate(weights)} | {"query_x": qx}
+        state = dict(zip(names, adapt.run(None, {"support_x": sx, "support_y": sy})))
+        alone = [predict.run(None, state | {"query_x": q})[0] for q in np.split(qx, len(qx))]
         return [both.run(None, {"support_x": sx, "support_y": sy, "query_x": qx})[0],
-                predict.run(None, feeds)[0]]
+                predict.run(None, state | {"query_x": qx})[0], np.concatenate(alone)]
 
     return run
 
@@ -172,8 +178,9 @@ def torch_runner(load: Callable[[Path], Any], folder: Path, files: dict[str, str
     def run(sx, sy, qx):
         sx, sy, qx = (torch.from_numpy(a) for a in (sx, sy, qx))
         with torch.no_grad():
-            weights = adapt(sx, sy)
-            return [both(sx, sy, qx).numpy(), predict(*weights, qx).numpy()]
+            state = adapt(sx, sy)
+            alone = torch.cat([predict(*state, q) for q in qx.split(1)])
+            return [both(sx, sy, qx).numpy(), predict(*state, qx).numpy(), alone.numpy()]
 
     return run
 
@@ -202,6 +209,8 @@ def verify(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop, fold
     passed = True
     ill_conditioned: list[dict[str, float]] = []  # the noise of tasks where it set the bound
     classification = inner.loss == "cross_entropy"
+    transductive = inner.norm == "transductive"
+    alone_gap = {fmt: 0.0 for fmt in run}
     for task in tasks:
         ref = reference(exp, learned, inner, task)
         tolerance = TOLERANCE * max(1.0, float(np.abs(ref).max()))
@@ -212,6 +221,13 @@ def verify(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop, fold
                 "checkpoint from before the divergence, or pass a smaller --inner-lr")
         sx, sy, qx = (t[0].numpy() for t in (task.support_x, task.support_y, task.query_x))
         outputs = {fmt: runner(sx, sy, qx) for fmt, runner in run.items()}
+        for fmt, (_, together, alone) in outputs.items():  # the mode's promise, in each format
+            gap = float(np.nan_to_num(np.abs(alone - together), nan=np.inf).max())
+            alone_gap[fmt] = max(alone_gap[fmt], gap)
+            if transductive:  # a query alone is another input: only the other two are compared
+                outputs[fmt] = outputs[fmt][:2]
+            elif gap > ALONE_TOLERANCE * max(1.0, float(np.abs(ref).max())):
+                passed = False
         # nan_to_num: a non-finite export output is an infinite difference, never max()'s
         # silently dropped NaN
         diffs = {fmt: max(float(np.nan_to_num(np.abs(o - ref), nan=np.inf).max()) for o in outs)
@@ -244,6 +260,8 @@ def verify(exp: Experiment, learned: torch.Tensor | None, inner: InnerLoop, fold
     passed = passed and all(argmax_ok.values())
     return {"max_abs_diff": worst, "argmax_equal": argmax_ok if classification else None,
             "tolerance": TOLERANCE, "perturbation": PERTURBATION,
+            "one_at_a_time_max_abs_diff": None if transductive else alone_gap,
+            "one_at_a_time_tolerance": None if transductive else ALONE_TOLERANCE,
             "ill_conditioned": ill_conditioned, "tasks": len(tasks),
             "support_sizes": sorted({int(t.support_x.shape[1]) for t in tasks}),
             "reference": REFERENCE[routes_through_higher(exp.model, tasks[0])], "passed": passed}

@@ -182,6 +182,7 @@ class CLI:
         eval_inner_steps: int | None = None,
         first_order: bool = False,
         learn_inner_lr: bool = False,
+        norm: str | None = None,
         meta_lr: float = 1e-3,
         meta_batch_size: int | None = None,
         iterations: int | None = None,
@@ -228,6 +229,9 @@ class CLI:
             eval_inner_steps: steps at validation and evaluation (10; 3 for 5-way; 5 for 20-way).
             first_order: first-order MAML (no gradient through the inner loop's gradients).
             learn_inner_lr: meta-learn a step size per parameter tensor and per step (Meta-SGD).
+            norm: batch norm's statistics for a query: support (the task's support set, so each
+                query is answered alone; default) or transductive (the queries sent together,
+                the MAML paper's convention).
             meta_lr: Adam's learning rate for the meta-update.
             meta_batch_size: tasks per meta-update (regression 25, 5-way 32, 20-way 16).
             iterations: meta-updates in all (regression 70000, Omniglot 60000).
@@ -270,7 +274,7 @@ class CLI:
         cfg = Config(
             dataset=dataset, n_way=n_way, k_shot=k_shot, q_query=q_query,
             inner_steps=inner_steps, inner_lr=inner_lr, eval_inner_steps=eval_inner_steps,
-            first_order=first_order, learn_inner_lr=learn_inner_lr, meta_lr=meta_lr,
+            first_order=first_order, learn_inner_lr=learn_inner_lr, norm=norm, meta_lr=meta_lr,
             meta_batch_size=meta_batch_size, iterations=iterations, grad_clip=grad_clip,
             model=model, model_kwargs=_kwargs(model_kwargs),
             data_root=os.path.abspath(os.path.expanduser(data_root)),  # eval runs from anywhere
@@ -376,7 +380,8 @@ class CLI:
         gen = torch.Generator().manual_seed(seed)
         with tqdm(total=tasks, desc="evaluate", disable=quiet or json or not ranks.is_main) as bar:
             result = evaluate(exp.model, exp.inner_lrs, exp.source, cfg.inner_loop(steps), tasks,
-                              gen, split, batch_size, chosen.adapt_predict, bar.update, ranks)
+                              gen, split, batch_size, chosen.adapt_predict, bar.update, ranks,
+                              one_at_a_time=True)
         distributed.finish()
         if not ranks.is_main:
             return
@@ -389,8 +394,11 @@ class CLI:
             return f"{r['mean']:.4f}" + ("" if r["ci95"] is None else f" +- {r['ci95']:.4f}")
 
         spread = "" if tasks > 1 else " (one task: no confidence interval; use --tasks 2 or more)"
-        print(f"{cfg.dataset}: {result['metric']} after {steps} steps {shown(result)} "
-              f"(before adaptation {shown(result['before'])}) over {tasks} {split} tasks{spread}")
+        alone = ("" if result["queries"] == "one at a time" else
+                 f"; with each query sent alone {shown(result['one_at_a_time'])}")
+        print(f"{cfg.dataset}: {result['metric']} after {steps} steps {shown(result)} with the "
+              f"queries {result['queries']} ({result['norm']} normalisation{alone}; before "
+              f"adaptation {shown(result['before'])}) over {tasks} {split} tasks{spread}")
 
 
     @checked

@@ -16,10 +16,12 @@ Conventions, documented here and nowhere else:
 
 - Losses are averaged per example: cross-entropy for classification, mean squared error for
   regression (the seed summed; averaging keeps the step size independent of the shot count).
-- Batch norm always normalises with the statistics of the batch it is given: the support batch
-  in the inner loop, the query batch at prediction time, in training and evaluation alike (the
-  MAML paper's convention). Running statistics are neither used nor updated; see
-  `use_batch_statistics`.
+- Batch norm always normalises with batch statistics, never running ones (see
+  `use_batch_statistics`): the support batch's in the inner loop, and at prediction time, in
+  training and evaluation alike, those the normalisation mode names (`InnerLoop.norm`, defined in
+  `maml.norms`): the query batch's own (`transductive`, the MAML paper's convention) or the
+  support set's under the adapted weights (`support`, which `adapt_task` returns with the
+  adapted weights as the task's state).
 - Step sizes form a table of shape `(steps, tensors)`. A scalar alpha fills it; learned step sizes
   (Meta-SGD / MAML++ "LSLR": one per parameter tensor and per step) are a meta-parameter of that
   shape. Adapting for more steps than the table has rows reuses its last row.
@@ -50,6 +52,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from maml.norms import Moments, check_mode, support_moments
+
 Params = tuple[Tensor, ...]
 """Parameter tensors in the order of `model.named_parameters()`."""
 
@@ -70,8 +74,10 @@ class InnerLoop:
     steps: int
     lr: float
     first_order: bool = False
+    norm: str = "transductive"
 
     def __post_init__(self) -> None:
+        check_mode(self.norm)
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; expected one of {LOSSES}")
         if self.steps < 0:
@@ -150,6 +156,22 @@ def adapt(
         grads = grad_fn(support_loss, params)
         params = sgd_step(params, grads, step_sizes[s])
     return params
+
+
+def adapt_task(
+    forward: Forward,
+    params: Params,
+    support_x: Tensor,
+    support_y: Tensor,
+    loss: str,
+    step_sizes: Tensor,
+    grad_fn: GradFn,
+    norm: str,
+) -> tuple[Params, Moments]:
+    """A task's adapted state: the weights after `adapt`, and the support set's batch-norm
+    moments under them (empty unless `norm` is `support`); `maml.norms.predict` takes both."""
+    fast = adapt(forward, params, support_x, support_y, loss, step_sizes, grad_fn)
+    return fast, support_moments(forward, fast, support_x, norm)
 
 
 def autograd_grad(create_graph: bool) -> GradFn:

@@ -33,7 +33,7 @@ from maml.adaptation import (
     GradFn,
     InnerLoop,
     Params,
-    adapt,
+    adapt_task,
     evaluation_mode,
     functional_forward,
     step_size_table,
@@ -41,6 +41,7 @@ from maml.adaptation import (
     twice_differentiable,
 )
 from maml.exact_norms import ExactNorms
+from maml.norms import predict as norm_predict
 from maml.plain_recurrent import PlainRecurrent
 from maml.tasks import TaskBatch
 
@@ -77,8 +78,9 @@ def meta_step_fn(model: nn.Module, inner: InnerLoop, learned: bool) -> Callable:
         )
 
         def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
-            fast = adapt(forward, params, sx, sy, inner.loss, table, grad_fn)
-            outputs = forward(fast, qx)
+            fast, moments = adapt_task(forward, params, sx, sy, inner.loss, table, grad_fn,
+                                       inner.norm)
+            outputs = norm_predict(forward, fast, moments, qx, inner.norm)
             loss = task_loss(inner.loss, outputs, qy)
             acc = _accuracy(outputs, qy) if classify else torch.zeros_like(loss)
             return loss, acc
@@ -99,14 +101,17 @@ def meta_step_fn(model: nn.Module, inner: InnerLoop, learned: bool) -> Callable:
     return step
 
 
-def predict_fn(model: nn.Module, inner: InnerLoop) -> Callable:
-    """`predict(params, table, sx, sy, qx) -> (B, Q, ...)`: adapt each task, predict its queries."""
+def predict_fn(model: nn.Module, inner: InnerLoop, one_at_a_time: bool = False) -> Callable:
+    """`predict(params, table, sx, sy, qx) -> (B, Q, ...)`: adapt each task, predict its queries
+    (all together, or `one_at_a_time`)."""
     forward = functional_forward(model)
     grad_fn = func_grad(first_order=True)
 
     def one_task(params: Params, table: Tensor, sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
-        fast = adapt(forward, params, sx, sy, inner.loss, table, grad_fn)
-        return forward(fast, qx)
+        fast, moments = adapt_task(forward, params, sx, sy, inner.loss, table, grad_fn,
+                                   inner.norm)
+        groups = qx.split(1) if one_at_a_time else (qx,)
+        return torch.cat([norm_predict(forward, fast, moments, q, inner.norm) for q in groups])
 
     batched = torch.func.vmap(one_task, in_dims=(None, None, 0, 0, 0))
 
@@ -327,18 +332,19 @@ class BatchedEngine:
         return stats
 
     def adapt_predict(
-        self, model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop
+        self, model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop,
+        one_at_a_time: bool = False,
     ) -> Tensor:
         """Adapt to every task of `batch` (no meta-graph, in `evaluation_mode`); return query outputs
-        `(B, Q, ...)`."""
+        `(B, Q, ...)`, the queries predicted together or `one_at_a_time`."""
         params = tuple(p.detach() for p in model.parameters())
         lrs = None if learned_lrs is None else learned_lrs.detach()
         table = step_size_table(
             inner.steps, len(params), inner.lr, lrs, params[0].dtype, params[0].device
         )
-        key = (id(model), inner)
+        key = (id(model), inner, one_at_a_time)
         if key not in self._predicts:
-            self._predicts[key] = predict_fn(model, inner)
+            self._predicts[key] = predict_fn(model, inner, one_at_a_time)
         predict = self._predicts[key]
         chunk = self.task_chunk or self.chosen_chunk or len(batch)
         outputs = []
@@ -409,7 +415,9 @@ def meta_gradient(
 
 
 def adapt_predict(
-    model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop
+    model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop,
+    one_at_a_time: bool = False,
 ) -> Tensor:
     """The engine API with default options: every task at once."""
-    return BatchedEngine(task_chunk=len(batch)).adapt_predict(model, learned_lrs, batch, inner)
+    return BatchedEngine(task_chunk=len(batch)).adapt_predict(model, learned_lrs, batch, inner,
+                                                              one_at_a_time)

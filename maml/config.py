@@ -14,6 +14,10 @@ from typing import Any
 
 from maml.adaptation import InnerLoop
 from maml.errors import UsageError
+from maml.norms import NORM_MODES
+
+DEFAULT_NORM = "support"
+"""New runs' normalisation mode (README, "Normalisation modes": measured against transductive)."""
 
 DATASETS = ("sinusoid", "harmonic", "omniglot")
 ENGINES = ("auto", "higher", "batched")
@@ -38,6 +42,7 @@ class Config:
     eval_inner_steps: int | None = None
     first_order: bool = False
     learn_inner_lr: bool = False
+    norm: str | None = None  # batch norm's statistics at prediction time (maml.norms)
     # outer loop (meta-optimisation)
     meta_lr: float = 1e-3
     meta_batch_size: int | None = None
@@ -78,6 +83,7 @@ class Config:
                 n_way=5, k_shot=1, q_query=15, inner_steps=5 if twenty else 1,
                 inner_lr=0.1 if twenty else 0.4, eval_inner_steps=5 if twenty else 3,
                 meta_batch_size=16 if twenty else 32, iterations=60000, model="cnn",
+                norm=DEFAULT_NORM,
             )
         else:  # sinusoid and harmonic: the paper's regression set-up
             if self.n_way is not None:
@@ -86,6 +92,7 @@ class Config:
             defaults = dict(
                 n_way=None, k_shot=10, q_query=10, inner_steps=1, inner_lr=0.01,
                 eval_inner_steps=10, meta_batch_size=25, iterations=70000, model="mlp",
+                norm=DEFAULT_NORM,
             )
         filled = dataclasses.replace(
             self, **{k: v for k, v in defaults.items() if getattr(self, k) is None}
@@ -99,6 +106,8 @@ class Config:
             raise UsageError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
         if self.engine not in ENGINES:
             raise UsageError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.norm is not None and self.norm not in NORM_MODES:
+            raise UsageError(f"unknown --norm {self.norm!r}; choose one of {', '.join(NORM_MODES)}")
         if self.dtype not in ("float32", "float64"):
             raise UsageError(f"--dtype must be float32 or float64, got {self.dtype!r}")
         if self.model is not None and not isinstance(self.model, str):
@@ -145,7 +154,7 @@ class Config:
         """The adaptation this run trains with (or evaluates with, given `steps`)."""
         return InnerLoop(
             loss=self.loss, steps=self.inner_steps if steps is None else steps,
-            lr=self.inner_lr, first_order=self.first_order,
+            lr=self.inner_lr, first_order=self.first_order, norm=self.norm or "transductive",
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,6 +163,7 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
         known = {f.name for f in dataclasses.fields(cls)}
+        d = {"norm": "transductive", **d}  # runs from before the modes normalised that way
         return cls(**{k: v for k, v in d.items() if k in known})
 
 

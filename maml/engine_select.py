@@ -265,15 +265,17 @@ class SelectedEngine:
         return engine.meta_gradient(model, learned_lrs, batch, inner)
 
     def adapt_predict(
-        self, model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop
+        self, model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop,
+        one_at_a_time: bool = False,
     ) -> Tensor:
         first = "eval" not in self.chosen
         engine = self._engine("eval", model, learned_lrs, batch, inner)
         if first:
             return self._first(
-                "eval", lambda: engine.adapt_predict(model, learned_lrs, batch, inner), inner,
-                model, learned_lrs, batch)
-        return engine.adapt_predict(model, learned_lrs, batch, inner)
+                "eval", lambda: engine.adapt_predict(model, learned_lrs, batch, inner,
+                                                     one_at_a_time=one_at_a_time),
+                inner, model, learned_lrs, batch)
+        return engine.adapt_predict(model, learned_lrs, batch, inner, one_at_a_time=one_at_a_time)
 
 
 def select(options: EngineOptions, warn: Callable[[str], None] | None = None) -> SelectedEngine:

@@ -62,8 +62,14 @@ def evaluate(
     adapt_predict: Callable | None = None,
     progress: Callable[[int], None] | None = None,
     ranks: Ranks = SINGLE,
+    one_at_a_time: bool = False,
 ) -> dict:
     """Mean metric with 95% CI over `tasks` new tasks, before and after `inner.steps` steps.
+
+    The queries are predicted as the model is meant to be asked: one at a time where the
+    normalisation mode allows it (`support`), together for a `transductive` model (the MAML
+    paper's protocol), which `one_at_a_time` also measures with each query alone
+    (`result["one_at_a_time"]`; for a `support` model it is the headline itself).
 
     Also returns each task's metric after adaptation (`per_task`), to compare other runtimes
     task by task on the same tasks (`eval_batches` with the same seed).
@@ -71,15 +77,18 @@ def evaluate(
     if adapt_predict is None:
         from maml.higher_engine import adapt_predict
     first = next(model.parameters())
-    values = torch.zeros(2, tasks, dtype=torch.float64, device=first.device)  # before, after
-    zero = InnerLoop(inner.loss, 0, inner.lr, inner.first_order)
+    alone = inner.norm != "transductive"
+    extra = one_at_a_time and not alone  # a transductive model asked one query at a time too
+    values = torch.zeros(3 if extra else 2, tasks, dtype=torch.float64, device=first.device)
+    zero = InnerLoop(inner.loss, 0, inner.lr, inner.first_order, inner.norm)
+    runs = [(zero, alone), (inner, alone)] + ([(inner, True)] if extra else [])
     done = 0
     for batch in eval_batches(source, tasks, generator, split, batch_size):
         lo, hi = ranks.share(len(batch))  # every rank drew the same batch; adapt this rank's part
         if hi > lo:
             mine = batch.chunk(lo, hi).to(batch.support_x.device, first.dtype)
-            for row, loop in enumerate((zero, inner)):
-                outputs = adapt_predict(model, inner_lrs, mine, loop)
+            for row, (loop, each) in enumerate(runs):
+                outputs = adapt_predict(model, inner_lrs, mine, loop, one_at_a_time=each)
                 values[row, done + lo:done + hi] = task_metric(inner.loss, outputs, mine.query_y)
         done += len(batch)
         if progress is not None:
@@ -88,8 +97,12 @@ def evaluate(
     metric = "accuracy" if inner.loss == "cross_entropy" else "mse"
     per_task = values[1]
     result_after, result_before = summary(per_task), summary(values[0])
-    return {
+    result = {
         "metric": metric, "mean": result_after["mean"], "ci95": result_after["ci95"],
         "before": result_before, "tasks": tasks, "inner_steps": inner.steps, "split": split,
+        "norm": inner.norm, "queries": "one at a time" if alone else "together",
         "per_task": per_task.tolist(),
     }
+    if one_at_a_time:
+        result["one_at_a_time"] = summary(values[2]) if extra else result_after
+    return result

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from maml.adaptation import (
     InnerLoop,
     Params,
-    adapt,
+    adapt_task,
     autograd_grad,
     check_adaptable,
     evaluation_mode,
@@ -43,6 +43,7 @@ from maml.adaptation import (
     use_batch_statistics,
 )
 from maml.errors import UsageError, gist
+from maml.norms import predict
 from maml.tasks import TaskBatch
 
 _ROUTING: weakref.WeakKeyDictionary[nn.Module, str | None] = weakref.WeakKeyDictionary()
@@ -155,8 +156,9 @@ def meta_gradient(
             table = step_size_table(
                 inner.steps, len(params), inner.lr, learned_lrs, params[0].dtype, params[0].device
             )
-            fast = adapt(forward, params, sx, sy, inner.loss, table, grad_fn)
-            outputs = forward(fast, qx)
+            fast, moments = adapt_task(forward, params, sx, sy, inner.loss, table, grad_fn,
+                                       inner.norm)
+            outputs = predict(forward, fast, moments, qx, inner.norm)
             loss = task_loss(inner.loss, outputs, qy)
             (loss / len(batch)).backward()
             losses.append(loss.detach())
@@ -170,10 +172,12 @@ def meta_gradient(
 
 def adapt_predict(
     model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop,
-    plain: bool = False,
+    plain: bool = False, one_at_a_time: bool = False,
 ) -> Tensor:
     """Adapt to every task of `batch` and return the query outputs, stacked `(B, Q, ...)`.
 
+    `one_at_a_time`: predict each query alone (as a deployed adapter is asked), not all of a
+    task's queries in one batch; the same outputs unless the mode is `transductive`.
     `plain`: as for `meta_gradient`."""
     check_adaptable(model)
     params = tuple(p.detach().requires_grad_() for p in model.parameters())
@@ -186,7 +190,11 @@ def adapt_predict(
     for i in range(len(batch)):
         sx, sy, qx, _ = (t[i] for t in batch.tensors())
         with torch.enable_grad():
-            fast = adapt(forward, params, sx, sy, inner.loss, table, autograd_grad(False))
+            fast, moments = adapt_task(forward, params, sx, sy, inner.loss, table,
+                                       autograd_grad(False), inner.norm)
+        fast, moments = tuple(p.detach() for p in fast), tuple(m.detach() for m in moments)
+        groups = qx.split(1) if one_at_a_time else (qx,)
         with torch.no_grad():
-            outputs.append(forward(tuple(p.detach() for p in fast), qx))
+            outputs.append(torch.cat([predict(forward, fast, moments, q, inner.norm)
+                                      for q in groups]))
     return torch.stack(outputs)

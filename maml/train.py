@@ -46,6 +46,7 @@ from maml.distributed import SINGLE, Ranks
 from maml.errors import Stopped, UsageError
 from maml.evaluate import evaluate
 from maml.experiment import Experiment, build, restore
+from maml.norms import has_batch_norm
 
 VAL_SEED = 4321  # validation tasks are the same at every validation, for a fair comparison
 
@@ -271,6 +272,10 @@ def _train(cfg: Config, where: dict[str, Path], resume: bool, progress: bool,
         start, metrics = state["iteration"], state["metrics"]
     inner = cfg.inner_loop()
     main = ranks.is_main
+    if main and not resume and "norm" in given and cfg.norm != "transductive" \
+            and not has_batch_norm(exp.model):
+        print(f"note: --norm {cfg.norm} changes nothing for this model: it has no batch-norm "
+              "layer, so each query is already answered on its own", file=sys.stderr)
     if main:
         where["metrics"].parent.mkdir(parents=True, exist_ok=True)
     if main and resume:

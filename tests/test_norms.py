@@ -1,0 +1,194 @@
+"""Normalisation modes: the `support` mode against an independent float64 reference, engine
+parity for every mode, and the property the mode exists for (one query at a time equals all
+together).
+
+The reference is the paper's conv net written out by hand (convolutions, batch norm from its
+formula, ReLU, mean, linear) with plain autograd; it shares no code with `maml.norms`.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from maml import batched_engine, higher_engine
+from maml.adaptation import InnerLoop, use_batch_statistics
+from maml.models import ConvNetClassifier, maxpool_cnn, omniglot_cnn, sinusoid_mlp
+from maml.norms import NORM_MODES, has_batch_norm
+from maml.tasks import TaskBatch
+
+EPS = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def hand_forward(params, x, moments=None):
+    """omniglot_cnn(blocks=2) by hand; batch norm with `moments` if given, else the batch's.
+    Returns the logits and the (mean, var) of each batch norm."""
+    used = []
+    h = x
+    for block in range(2):
+        w, b, gamma, beta = params[4 * block: 4 * block + 4]
+        h = F.conv2d(h, w, b, stride=2, padding=1)
+        if moments is None:
+            mean = h.mean(dim=(0, 2, 3))
+            var = ((h - mean[None, :, None, None]) ** 2).mean(dim=(0, 2, 3))
+        else:
+            mean, var = moments[block]
+        used.append((mean, var))
+        h = (h - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + EPS)
+        h = torch.relu(h * gamma[None, :, None, None] + beta[None, :, None, None])
+    return F.linear(h.mean(dim=(2, 3)), params[8], params[9]), used
+
+
+def reference_meta_gradient(theta0, lr, steps, first_order, batch, transductive):
+    theta = [p.detach().clone().requires_grad_() for p in theta0]
+    total = 0.0
+    for i in range(len(batch)):
+        fast = list(theta)
+        for _ in range(steps):
+            logits, _ = hand_forward(fast, batch.support_x[i])
+            grads = torch.autograd.grad(F.cross_entropy(logits, batch.support_y[i]), fast,
+                                        create_graph=not first_order)
+            fast = [p - lr * g for p, g in zip(fast, grads)]
+        moments = None
+        if not transductive:
+            _, moments = hand_forward(fast, batch.support_x[i])
+        logits, _ = hand_forward(fast, batch.query_x[i], moments)
+        total = total + F.cross_entropy(logits, batch.query_y[i]) / len(batch)
+    return torch.autograd.grad(total, theta), total.detach()
+
+
+def image_batch(tasks=3, n_way=3, k=2, q=2, side=12, seed=7):
+    gen = torch.Generator().manual_seed(seed)
+
+    def part(n):
+        x = torch.rand(tasks, n_way * n, 1, side, side, generator=gen, dtype=torch.float64)
+        # a shift per task, so that the support and query statistics really differ
+        x = x * 2 + torch.randn(tasks, 1, 1, 1, 1, generator=gen, dtype=torch.float64)
+        y = torch.arange(n_way).repeat_interleave(n).expand(tasks, -1).clone()
+        return x, y
+
+    return TaskBatch(*part(k), *part(q))
+
+
+def sine_batch(tasks=3, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(tasks, 10, 1, generator=gen, dtype=torch.float64) * 10 - 5
+    y = torch.sin(x + torch.rand(tasks, 1, 1, generator=gen, dtype=torch.float64))
+    return TaskBatch(x[:, :5], y[:, :5], x[:, 5:], y[:, 5:])
+
+
+@pytest.mark.parametrize("norm", NORM_MODES)
+@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_meta_gradient_matches_the_hand_written_float64_reference(norm, first_order, steps):
+    torch.manual_seed(0)
+    model = use_batch_statistics(omniglot_cnn(n_way=3, hidden=6, blocks=2).double())
+    batch = image_batch()
+    expected, expected_loss = reference_meta_gradient(
+        list(model.parameters()), 0.3, steps, first_order, batch, norm == "transductive")
+    inner = InnerLoop("cross_entropy", steps, 0.3, first_order, norm)
+    for engine in (higher_engine, batched_engine):
+        model.zero_grad()
+        stats = engine.meta_gradient(model, None, batch, inner)
+        for p, e in zip(model.parameters(), expected):
+            assert torch.allclose(p.grad, e, rtol=1e-10, atol=1e-13), (p.grad - e).abs().max()
+        assert torch.allclose(stats["loss"], expected_loss, rtol=1e-12)
+
+
+def test_the_modes_give_different_meta_gradients():
+    """Guards the test above: the reference's two modes must really differ on these tasks."""
+    torch.manual_seed(0)
+    model = omniglot_cnn(n_way=3, hidden=6, blocks=2).double()
+    theta, batch = list(model.parameters()), image_batch()
+    a, _ = reference_meta_gradient(theta, 0.3, 1, False, batch, True)
+    b, _ = reference_meta_gradient(theta, 0.3, 1, False, batch, False)
+    assert max((x - y).abs().max().item() for x, y in zip(a, b)) > 1e-4
+
+
+CASES = {
+    "cnn": (lambda: omniglot_cnn(n_way=3, hidden=8), image_batch, "cross_entropy", 0.4),
+    "maxpool": (lambda: maxpool_cnn(n_way=3, hidden=8, blocks=2, image_size=12), image_batch,
+                "cross_entropy", 0.4),
+    "convnet": (lambda: ConvNetClassifier(n_way=3, hidden=8, blocks=2, image_size=12),
+                image_batch, "cross_entropy", 0.4),
+    "bn1d-mlp": (lambda: nn.Sequential(nn.Linear(1, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                                       nn.Linear(16, 1)), sine_batch, "mse", 0.05),
+    "mlp": (lambda: sinusoid_mlp(hidden=16), sine_batch, "mse", 0.05),
+}
+
+
+def flat_grad(engine, model, learned, batch, inner):
+    tensors = list(model.parameters()) + ([] if learned is None else [learned])
+    for t in tensors:
+        t.grad = None
+    engine.meta_gradient(model, learned, batch, inner)
+    return torch.cat([t.grad.flatten() for t in tensors])
+
+
+@pytest.mark.parametrize("learn_lr", [False, True], ids=["fixed-lr", "learned-lr"])
+@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_support_mode_engines_agree_in_float64(case, first_order, learn_lr):
+    make_model, make_batch, loss, lr = CASES[case]
+    torch.manual_seed(0)
+    model = use_batch_statistics(make_model().double())
+    learned = None
+    if learn_lr:
+        n = len(list(model.parameters()))
+        gen = torch.Generator().manual_seed(3)
+        learned = nn.Parameter(lr * (0.5 + torch.rand(2, n, generator=gen, dtype=torch.float64)))
+    batch = make_batch()
+    inner = InnerLoop(loss, 2, lr, first_order, "support")
+    expected = flat_grad(higher_engine, model, learned, batch, inner)
+    for engine in (batched_engine, batched_engine.BatchedEngine(task_chunk=2)):
+        got = flat_grad(engine, model, learned, batch, inner)
+        assert ((got - expected).norm() / expected.norm()).item() <= 1e-10
+
+
+@pytest.mark.parametrize("engine", [higher_engine, batched_engine], ids=["higher", "batched"])
+@pytest.mark.parametrize("case", ["cnn", "bn1d-mlp"])
+def test_support_mode_predicts_each_query_as_if_alone(case, engine):
+    make_model, make_batch, loss, lr = CASES[case]
+    torch.manual_seed(0)
+    model = use_batch_statistics(make_model().double())
+    batch = make_batch(side=28) if case == "cnn" else make_batch()  # > 1 pixel after 4 blocks
+    together = {}
+    for norm in NORM_MODES:
+        inner = InnerLoop(loss, 2, lr, norm=norm)
+        together[norm] = engine.adapt_predict(model, None, batch, inner)
+        if norm == "transductive" and case == "bn1d-mlp":
+            continue  # one value per channel: torch refuses batch statistics of one example
+        alone = torch.cat([
+            engine.adapt_predict(model, None, TaskBatch(batch.support_x, batch.support_y,
+                                                        batch.query_x[:, j:j + 1],
+                                                        batch.query_y[:, j:j + 1]), inner)
+            for j in range(batch.query_x.shape[1])], dim=1)
+        gap = (alone - together[norm]).abs().max().item()
+        if norm == "transductive":
+            assert gap > 1e-3  # the batch's statistics: a query alone is another input
+        else:
+            assert gap < 1e-12
+    assert (together["support"] - together["transductive"]).abs().max() > 1e-3
+
+
+def test_a_model_without_batch_norm_is_the_same_in_every_mode():
+    model = use_batch_statistics(sinusoid_mlp(hidden=16).double())
+    assert not has_batch_norm(model)
+    assert has_batch_norm(omniglot_cnn(n_way=3, hidden=4))
+    batch = sine_batch()
+    outs = [higher_engine.adapt_predict(model, None, batch, InnerLoop("mse", 2, 0.05, norm=n))
+            for n in NORM_MODES]
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_an_unknown_mode_is_refused_by_name():
+    with pytest.raises(ValueError, match="unknown normalisation mode 'batch'.*transductive"):
+        InnerLoop("mse", 1, 0.1, norm="batch")
