@@ -82,7 +82,7 @@ def facts(
         "parameters": [{"name": n, "shape": list(p.shape)}
                        for n, p in zip(r.names, r.init, strict=True)],
         "batch_norm": BATCH_NORM[r.norm],
-        "norm": {"mode": r.norm,
+        "norm": {"mode": r.norm, "batch_norm_layers": r.norm_layers,
                  "moments": [{"name": f"m{i}", "shape": list(shape)}
                              for i, shape in enumerate(r.moment_shapes)]},
         "preprocessing": preprocessing,

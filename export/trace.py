@@ -67,6 +67,7 @@ class Routine:
     loss: str
     norm: str = "transductive"
     moment_shapes: tuple[tuple[int, ...], ...] = ()  # (channels,) per mean and per variance
+    norm_layers: int = 0  # batch-norm calls in a forward (whatever the mode)
 
     @property
     def state_names(self) -> list[str]:
@@ -107,10 +108,12 @@ def routine(exp: Experiment, steps: int | None = None, lr: float | None = None) 
             return forward(params, x)
 
     norm = cfg.norm or "transductive"
-    with torch.no_grad():  # the moments' shapes: one forward of two examples
-        probe = torch.zeros(2, *exp.source.input_shape)
-        shapes = tuple(tuple(m.shape) for m in support_moments(deterministic, init, probe, norm))
-    return Routine(deterministic, init, names, table.clone(), cfg.loss, norm, shapes)
+    with torch.no_grad():  # the batch-norm layers and their moments: one forward of two examples
+        probe = torch.randn(2, *exp.source.input_shape, generator=torch.Generator().manual_seed(0))
+        every = support_moments(deterministic, init, probe, "support")
+    shapes = tuple(tuple(m.shape) for m in every) if norm == "support" else ()
+    return Routine(deterministic, init, names, table.clone(), cfg.loss, norm, shapes,
+                   len(every) // 2)
 
 
 def learned_step_sizes(exp: Experiment, lr: float | None) -> Tensor | None:

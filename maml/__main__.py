@@ -394,11 +394,9 @@ class CLI:
             return f"{r['mean']:.4f}" + ("" if r["ci95"] is None else f" +- {r['ci95']:.4f}")
 
         spread = "" if tasks > 1 else " (one task: no confidence interval; use --tasks 2 or more)"
-        alone = ("" if result["queries"] == "one at a time" else
-                 f"; with each query sent alone {shown(result['one_at_a_time'])}")
-        print(f"{cfg.dataset}: {result['metric']} after {steps} steps {shown(result)} with the "
-              f"queries {result['queries']} ({result['norm']} normalisation{alone}; before "
-              f"adaptation {shown(result['before'])}) over {tasks} {split} tasks{spread}")
+        print(f"{cfg.dataset}: {result['metric']} after {steps} steps {shown(result)}, each query "
+              f"sent alone {shown(result['one_at_a_time'])} ({result['norm']} normalisation; "
+              f"before adaptation {shown(result['before'])}) over {tasks} {split} tasks{spread}")
 
 
     @checked

@@ -66,10 +66,10 @@ def evaluate(
 ) -> dict:
     """Mean metric with 95% CI over `tasks` new tasks, before and after `inner.steps` steps.
 
-    The queries are predicted as the model is meant to be asked: one at a time where the
-    normalisation mode allows it (`support`), together for a `transductive` model (the MAML
-    paper's protocol), which `one_at_a_time` also measures with each query alone
-    (`result["one_at_a_time"]`; for a `support` model it is the headline itself).
+    Each task's queries are predicted together (the MAML paper's protocol); `one_at_a_time` also
+    measures them sent one by one, as a deployed adapter is asked (`result["one_at_a_time"]`).
+    The two are equal in the `support` normalisation mode (tested), and differ for a
+    `transductive` model, which normalises queries with the batch they come in.
 
     Also returns each task's metric after adaptation (`per_task`), to compare other runtimes
     task by task on the same tasks (`eval_batches` with the same seed).
@@ -77,11 +77,10 @@ def evaluate(
     if adapt_predict is None:
         from maml.higher_engine import adapt_predict
     first = next(model.parameters())
-    alone = inner.norm != "transductive"
-    extra = one_at_a_time and not alone  # a transductive model asked one query at a time too
-    values = torch.zeros(3 if extra else 2, tasks, dtype=torch.float64, device=first.device)
+    values = torch.zeros(3 if one_at_a_time else 2, tasks, dtype=torch.float64,
+                         device=first.device)
     zero = InnerLoop(inner.loss, 0, inner.lr, inner.first_order, inner.norm)
-    runs = [(zero, alone), (inner, alone)] + ([(inner, True)] if extra else [])
+    runs = [(zero, False), (inner, False)] + ([(inner, True)] if one_at_a_time else [])
     done = 0
     for batch in eval_batches(source, tasks, generator, split, batch_size):
         lo, hi = ranks.share(len(batch))  # every rank drew the same batch; adapt this rank's part
@@ -100,9 +99,8 @@ def evaluate(
     result = {
         "metric": metric, "mean": result_after["mean"], "ci95": result_after["ci95"],
         "before": result_before, "tasks": tasks, "inner_steps": inner.steps, "split": split,
-        "norm": inner.norm, "queries": "one at a time" if alone else "together",
-        "per_task": per_task.tolist(),
+        "norm": inner.norm, "per_task": per_task.tolist(),
     }
     if one_at_a_time:
-        result["one_at_a_time"] = summary(values[2]) if extra else result_after
+        result["one_at_a_time"] = summary(values[2])
     return result

@@ -11,7 +11,7 @@ service (`serve.app`); `scripts/embed/cpp/` runs the same adapter from C++.
 """
 
 from maml.errors import UsageError
-from serve.adapter import Adapter, Task, load, softmax
+from serve.adapter import Adapter, Task, TransductiveWarning, load, softmax
 from serve.validation import Limits
 
-__all__ = ["Adapter", "Limits", "Task", "UsageError", "load", "softmax"]
+__all__ = ["Adapter", "Limits", "Task", "TransductiveWarning", "UsageError", "load", "softmax"]

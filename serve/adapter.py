@@ -1,7 +1,7 @@
 """An exported adapter as a Python object: adapt to a support set, then predict queries.
 
     adapter = serve.load("runs/adapter")                 # onnxruntime, numpy in and out
-    task = adapter.adapt(support_x, support_y)           # fine-tuned weights, computed once
+    task = adapter.adapt(support_x, support_y)           # the adapted task, computed once
     outputs = task.predict(query_x)                      # logits (Q, n_way) or values (Q, ...)
 
 Inputs are numpy arrays or nested lists; for an image adapter also lists of PNG / JPEG files or
@@ -9,14 +9,17 @@ bytes, preprocessed as its `adapter.json` records. Every input is checked (`serv
 before any computation, and every problem is a one-line `maml.errors.UsageError`, as are
 non-finite adapted weights or outputs (inputs far outside the training range).
 
-Batch norm uses the statistics of the batch it is given, as in training: the support set while
-adapting and the query set while predicting. So a model with batch norm gives outputs for a query
-that depend on the other queries sent with it: predict a whole query set at once, as in training
-(predicting one example at a time normalises it with its own statistics).
+Batch norm follows the adapter's normalisation mode (`adapter.norm`, recorded at training time):
+- `support` (the default for new runs): queries are normalised with the support set's statistics,
+  kept with the task, so each query's output depends on that query alone: send one or many.
+- `transductive` (the MAML paper's, and every adapter exported before the modes): queries are
+  normalised with the statistics of the query batch, so an answer depends on the other queries
+  sent with it; a batch of fewer queries than `n_way` gets a `TransductiveWarning`.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,26 +53,58 @@ def finite_outputs(outputs: np.ndarray) -> np.ndarray:
     return outputs
 
 
-class Task:
-    """One adapted task: the fine-tuned weights, ready to predict query sets."""
+class TransductiveWarning(UserWarning):
+    """A transductive adapter was asked about fewer queries than it has classes."""
 
-    def __init__(self, adapter: Adapter, params: tuple[Any, ...], n_support: int) -> None:
+
+def transductive_warning(adapter: Adapter, n_queries: int) -> str | None:
+    """Why these queries' answers depend on the batch they came in, or None where they don't."""
+    layers = (adapter.metadata.get("norm") or {}).get("batch_norm_layers")  # None: older export
+    if adapter.norm != "transductive" or layers == 0 or adapter.task_kind != "classification" \
+            or n_queries >= adapter.metadata["n_way"]:
+        return None
+    return (f"this adapter normalises queries with the statistics of the batch they come in "
+            f"(transductive batch norm), so the answers for these {n_queries} queries depend on "
+            f"the batch: send at least {adapter.metadata['n_way']} queries together, or re-train "
+            "with --norm support to answer each query alone")
+
+
+class Task:
+    """One adapted task: its state (the fine-tuned weights, and in the `support` mode the
+    support set's batch-norm moments), ready to predict queries."""
+
+    def __init__(self, adapter: Adapter, state: tuple[Any, ...], n_support: int) -> None:
         self.adapter = adapter
-        self._params = params
+        self._state = state
         self.n_support = n_support
+
+    @property
+    def state(self) -> tuple[np.ndarray, ...]:
+        """Everything `predict` needs, as `adapter.json` names it: `p0..`, then `m0..`."""
+        return self.adapter.backend.to_numpy(self._state)
 
     @property
     def parameters(self) -> tuple[np.ndarray, ...]:
         """The adapted weights, in `adapter.json`'s `parameters` order."""
-        return self.adapter.backend.to_numpy(self._params)
+        return self.state[:len(self.adapter.metadata["parameters"])]
+
+    @property
+    def moments(self) -> tuple[np.ndarray, ...]:
+        """The support set's batch-norm moments (mean, variance per layer); empty unless the
+        adapter's mode is `support`."""
+        return self.state[len(self.adapter.metadata["parameters"]):]
 
     def predict(self, query_x: Any) -> np.ndarray:
         """Outputs for the queries: logits `(Q, n_way)` or regression values `(Q, *target)`.
 
-        Batch norm normalises with the statistics of this query batch (see the module docstring).
+        In the `support` mode each query's output is its own; a transductive adapter warns
+        when the batch is too small to stand for the task (see the module docstring).
         """
         x = self.adapter.query_inputs(query_x)  # checked before the backend is touched
-        return finite_outputs(self.adapter.backend.predict(self._params, x))
+        why = transductive_warning(self.adapter, len(x))
+        if why is not None:
+            warnings.warn(why, TransductiveWarning, stacklevel=2)
+        return finite_outputs(self.adapter.backend.predict(self._state, x))
 
 
 class Adapter:
@@ -88,6 +123,11 @@ class Adapter:
     def task_kind(self) -> str:
         """`"classification"` or `"regression"`."""
         return self.metadata["task"]
+
+    @property
+    def norm(self) -> str:
+        """The normalisation mode: `"support"` or `"transductive"` (see the module docstring)."""
+        return metadata.norm_mode(self.metadata)
 
     def inputs(self, x: Any, name: str) -> Any:
         """Images (files or bytes) become input arrays; anything else passes through unchanged."""
@@ -113,7 +153,7 @@ class Adapter:
         """Fine-tune the meta-learned weights on a support set (labels `0..n_way-1` or targets)."""
         x, y = self.support_inputs(support_x, support_y)
         task = Task(self, self.backend.adapt(x, y), len(x))
-        if not all(np.isfinite(p).all() for p in task.parameters):
+        if not all(np.isfinite(t).all() for t in task.state):
             raise UsageError("adapting to this support set gave non-finite weights (are its "
                              "inputs or targets far outside the training range?); send smaller "
                              "values")
@@ -132,6 +172,9 @@ class Adapter:
                                + labels("query_x", len(query_x)))
         x, y = self.support_inputs(support_x, support_y)
         q = self.query_inputs(query_x)
+        why = transductive_warning(self, len(q))
+        if why is not None:
+            warnings.warn(why, TransductiveWarning, stacklevel=2)
         return finite_outputs(self.backend.adapt_predict(x, y, q))
 
 
@@ -151,5 +194,5 @@ def load(
     files = metadata.entry_files(meta, directory, name)
     if verify:
         metadata.verify_files(meta, files)
-    runner = make_backend(name, files, len(meta["parameters"]), threads)
+    runner = make_backend(name, files, metadata.state_names(meta), threads)
     return Adapter(directory, meta, runner, limits or Limits())

@@ -29,6 +29,7 @@ import base64
 import binascii
 import json
 import re
+import warnings
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -45,7 +46,7 @@ from starlette.routing import Match, Mount
 from starlette.types import Scope
 
 from maml.errors import UsageError
-from serve.adapter import Adapter, Task, softmax
+from serve.adapter import Adapter, Task, TransductiveWarning, softmax, transductive_warning
 from serve.backends import InferenceError
 from serve.task_store import TaskStore
 
@@ -101,6 +102,8 @@ class Predictions(BaseModel):
     predictions: list[Any] = Field(description="class indices, or regression outputs")
     probabilities: list[list[float]] | None = Field(None, description="classification only")
     logits: list[list[float]] | None = Field(None, description="classification only")
+    warning: str | None = Field(None, description="only from a transductive adapter asked "
+                                "about fewer queries than classes: its answers depend on the batch")
 
 
 class ErrorBody(BaseModel):
@@ -173,12 +176,15 @@ def decode_images(value: Any, name: str) -> Any:
 
 
 def prediction_body(adapter: Adapter, outputs: np.ndarray) -> dict[str, Any]:
-    """The JSON answer for a query set's outputs (finite: the adapter refuses others)."""
+    """The JSON answer for a query set's outputs (finite: the adapter refuses others), with a
+    `warning` where a transductive adapter's answers depend on a too-small batch."""
+    why = transductive_warning(adapter, len(outputs))
+    warning = {} if why is None else {"warning": why}
     if adapter.task_kind == "classification":
         return {"predictions": outputs.argmax(-1).tolist(),
                 "probabilities": softmax(outputs.astype(np.float64)).tolist(),
-                "logits": outputs.tolist()}
-    return {"predictions": outputs.tolist()}
+                "logits": outputs.tolist(), **warning}
+    return {"predictions": outputs.tolist(), **warning}
 
 
 class PageMount(Mount):
@@ -209,9 +215,13 @@ def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
         title="maml-toolkit adapter service",
         version=str(meta.get("versions", {}).get("maml", "")),
         description=f"A MAML {meta['task']} adapter: adapt to a support set, then predict. "
-                    "Batch norm uses the statistics of each batch it is given (the query set "
-                    "at prediction), so send a query set together.",
+                    + ("Each query is answered on its own (batch norm uses the support set's "
+                       "statistics)." if adapter.norm == "support" else
+                       "Batch norm uses the statistics of each query batch (transductive), so "
+                       "send a query set together; a smaller batch gets a `warning`."),
     )
+    # the answer's `warning` field says it to the client; the log need not, once per request
+    warnings.filterwarnings("ignore", category=TransductiveWarning)
     app.state.store, app.state.adapter, app.state.settings = store, adapter, settings
 
     async def in_pool(fn: Callable[[], T]) -> T:

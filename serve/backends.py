@@ -2,9 +2,10 @@
 
 Each backend loads the three entry points of the contract and runs them on checked numpy arrays:
 
-- `adapt(support_x, support_y) -> params` (the fine-tuned weights, kept in the backend's own
-  array type so a task's predictions need no conversion),
-- `predict(params, query_x) -> outputs`, and `adapt_predict(support_x, support_y, query_x)`.
+- `adapt(support_x, support_y) -> state` (the task's adapted state: the fine-tuned weights, and
+  for an adapter in the `support` normalisation mode the support set's batch-norm moments; kept
+  in the backend's own array type so a task's predictions need no conversion),
+- `predict(state, query_x) -> outputs`, and `adapt_predict(support_x, support_y, query_x)`.
 
 `OnnxBackend` needs only onnxruntime and numpy (onnxruntime releases the GIL while it runs, so
 threads serve requests in parallel). `TorchScriptBackend` imports torch when it is built, never
@@ -34,13 +35,13 @@ class Backend(Protocol):
 
     def adapt(self, support_x: np.ndarray, support_y: np.ndarray) -> tuple[Any, ...]: ...
 
-    def predict(self, params: Sequence[Any], query_x: np.ndarray) -> np.ndarray: ...
+    def predict(self, state: Sequence[Any], query_x: np.ndarray) -> np.ndarray: ...
 
     def adapt_predict(
         self, support_x: np.ndarray, support_y: np.ndarray, query_x: np.ndarray
     ) -> np.ndarray: ...
 
-    def to_numpy(self, params: Sequence[Any]) -> tuple[np.ndarray, ...]: ...
+    def to_numpy(self, state: Sequence[Any]) -> tuple[np.ndarray, ...]: ...
 
 
 class OnnxBackend:
@@ -48,17 +49,17 @@ class OnnxBackend:
 
     name = "onnx"
 
-    def __init__(self, files: dict[str, Path], n_params: int, threads: int = 0) -> None:
+    def __init__(self, files: dict[str, Path], state: list[str], threads: int = 0) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # 0: onnxruntime's default (one per core)
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # warnings about unused initialisers are noise here
-        self.params = [f"p{i}" for i in range(n_params)]
+        self.state = state
         expected = {
-            "adapt": (["support_x", "support_y"], self.params),
-            "predict": ([*self.params, "query_x"], ["outputs"]),
+            "adapt": (["support_x", "support_y"], self.state),
+            "predict": ([*self.state, "query_x"], ["outputs"]),
             "adapt_predict": (["support_x", "support_y", "query_x"], ["outputs"]),
         }
         self.sessions = {}
@@ -74,8 +75,8 @@ class OnnxBackend:
             if sorted(inputs) != sorted(expected[entry][0]) or outputs != expected[entry][1]:
                 raise UsageError(
                     f"{path.name} takes {inputs} and returns {outputs}, expected "
-                    f"{expected[entry][0]} -> {expected[entry][1]}; it is not an adapter-v1 "
-                    "export of this adapter.json"
+                    f"{expected[entry][0]} -> {expected[entry][1]} (the parameters and moments "
+                    "adapter.json declares); it is not an export of this adapter.json"
                 )
             self.sessions[entry] = session
 
@@ -88,8 +89,8 @@ class OnnxBackend:
     def adapt(self, support_x: np.ndarray, support_y: np.ndarray) -> tuple[np.ndarray, ...]:
         return tuple(self._run("adapt", {"support_x": support_x, "support_y": support_y}))
 
-    def predict(self, params: Sequence[np.ndarray], query_x: np.ndarray) -> np.ndarray:
-        feeds = dict(zip(self.params, params, strict=True))
+    def predict(self, state: Sequence[np.ndarray], query_x: np.ndarray) -> np.ndarray:
+        feeds = dict(zip(self.state, state, strict=True))
         feeds["query_x"] = query_x
         return self._run("predict", feeds)[0]
 
@@ -99,8 +100,8 @@ class OnnxBackend:
         feeds = {"support_x": support_x, "support_y": support_y, "query_x": query_x}
         return self._run("adapt_predict", feeds)[0]
 
-    def to_numpy(self, params: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
-        return tuple(params)
+    def to_numpy(self, state: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+        return tuple(state)
 
 
 class TorchScriptBackend:
@@ -108,7 +109,7 @@ class TorchScriptBackend:
 
     name = "torchscript"
 
-    def __init__(self, files: dict[str, Path], n_params: int, threads: int = 0) -> None:
+    def __init__(self, files: dict[str, Path], state: list[str], threads: int = 0) -> None:
         try:
             import torch
         except ImportError:
@@ -117,7 +118,7 @@ class TorchScriptBackend:
         self.torch = torch
         if threads > 0:
             torch.set_num_threads(threads)
-        self.n_params = n_params
+        self.state = state
         self.modules = {}
         for entry, path in files.items():
             try:
@@ -137,12 +138,16 @@ class TorchScriptBackend:
             raise InferenceError(f"{entry}.ts failed: {gist(exc, 300)}") from exc
 
     def adapt(self, support_x: np.ndarray, support_y: np.ndarray) -> tuple[Any, ...]:
-        params = self._call("adapt", self.torch.from_numpy(support_x),
-                            self.torch.from_numpy(support_y))
-        return tuple(p.detach() for p in params)
+        state = self._call("adapt", self.torch.from_numpy(support_x),
+                           self.torch.from_numpy(support_y))
+        if len(state) != len(self.state):
+            raise UsageError(f"adapt.ts returns {len(state)} tensors, but adapter.json declares "
+                             f"{len(self.state)} ({', '.join(self.state)}); it is not an export "
+                             "of this adapter.json")
+        return tuple(t.detach() for t in state)
 
-    def predict(self, params: Sequence[Any], query_x: np.ndarray) -> np.ndarray:
-        out = self._call("predict", *params, self.torch.from_numpy(query_x), grad=False)
+    def predict(self, state: Sequence[Any], query_x: np.ndarray) -> np.ndarray:
+        out = self._call("predict", *state, self.torch.from_numpy(query_x), grad=False)
         return out.detach().numpy()
 
     def adapt_predict(
@@ -151,12 +156,13 @@ class TorchScriptBackend:
         t = self.torch.from_numpy
         return self._call("adapt_predict", t(support_x), t(support_y), t(query_x)).detach().numpy()
 
-    def to_numpy(self, params: Sequence[Any]) -> tuple[np.ndarray, ...]:
-        return tuple(p.numpy() for p in params)
+    def to_numpy(self, state: Sequence[Any]) -> tuple[np.ndarray, ...]:
+        return tuple(t.numpy() for t in state)
 
 
-def make_backend(name: str, files: dict[str, Path], n_params: int, threads: int) -> Backend:
-    """The backend called `name` over the entry-point `files`."""
+def make_backend(name: str, files: dict[str, Path], state: list[str], threads: int) -> Backend:
+    """The backend called `name` over the entry-point `files`; `state` names what `adapt`
+    returns (`serve.metadata.state_names`)."""
     if name == "onnx":
-        return OnnxBackend(files, n_params, threads)
-    return TorchScriptBackend(files, n_params, threads)
+        return OnnxBackend(files, state, threads)
+    return TorchScriptBackend(files, state, threads)

@@ -183,3 +183,11 @@ class _Counting(nn.Module):
 
 def counting_mlp() -> nn.Module:
     return _Counting()
+
+
+def batchnorm_mlp(hidden: int = 16) -> nn.Module:
+    """A regression MLP with BatchNorm1d: batch norm without images (and without data files)."""
+    return nn.Sequential(
+        nn.Linear(1, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+        nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, 1),
+    )

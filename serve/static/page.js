@@ -159,7 +159,10 @@ class BrowserBackend {
   constructor(ort, sessions, meta, stats) {
     this.ort = ort;
     this.sessions = sessions;
-    this.nParams = meta.parameters.length;
+    // a task's adapted state, as adapt.onnx returns it: the weights p0.., then (support mode)
+    // the support set's batch-norm moments m0..
+    this.stateNames = [...meta.parameters.map((_, i) => `p${i}`),
+                       ...((meta.norm && meta.norm.moments) || []).map((m) => m.name)];
     this.stats = stats;
     this.params = null;
     this.kind = 'browser';
@@ -196,12 +199,12 @@ class BrowserBackend {
       support_x: this.tensor('float32', supportX, [n, 1, SIZE, SIZE]),
       support_y: this.tensor('int64', BigInt64Array.from(supportY, BigInt), [n]),
     });
-    this.params = Array.from({ length: this.nParams }, (_, i) => outputs[`p${i}`]);
+    this.params = this.stateNames.map((name) => outputs[name]);
   }
 
   async predict(queryX, q) {
     const feeds = { query_x: this.tensor('float32', queryX, [q, 1, SIZE, SIZE]) };
-    this.params.forEach((p, i) => { feeds[`p${i}`] = p; });
+    this.params.forEach((p, i) => { feeds[this.stateNames[i]] = p; });
     const outputs = await this.run(this.sessions.predict, feeds);
     const logits = Float32Array.from(outputs.outputs.data);
     for (const t of Object.values(outputs)) this.dispose(t);
@@ -309,6 +312,7 @@ async function main() {
   penRadius = pen.pen_radius;
   $('pen').textContent = String(penRadius);
   const n = meta.n_way;
+  const alone = (meta.norm && meta.norm.mode) === 'support';  // each query answered on its own
 
   const showResult = (probabilities) => {
     const best = probabilities.indexOf(Math.max(...probabilities));
@@ -344,16 +348,24 @@ async function main() {
 
   const runPredict = async () => {
     if (!state.adapted || api.query.empty) return;
-    // Batch norm normalises with the statistics of the query batch it is given (as in training,
-    // where the query set holds every class). One drawing alone would be normalised by itself,
-    // which the model never saw; so the query goes in a batch with the N examples, and its
-    // prediction is the first row. (The test checks the Python runtime agrees on that batch.)
     const queryX = api.query.input();
-    const batch = new Float32Array((1 + n) * PIXELS);
-    batch.set(queryX, 0);
-    batch.set(state.supportX, PIXELS);
-    const all = await state.backend.predict(batch, 1 + n);
-    const logits = Array.from(all.subarray(0, n));
+    let logits;
+    if (alone) {
+      // support mode: batch norm uses the support set's statistics, kept with the task, so the
+      // drawing is predicted on its own
+      logits = Array.from(await state.backend.predict(queryX, 1));
+    } else {
+      // transductive: batch norm normalises with the statistics of the query batch it is given
+      // (as in training, where the query set holds every class). One drawing alone would be
+      // normalised by itself, which the model never saw; so the query goes in a batch with the
+      // N examples, and its prediction is the first row. (The test checks the Python runtime
+      // agrees on that batch.)
+      const batch = new Float32Array((1 + n) * PIXELS);
+      batch.set(queryX, 0);
+      batch.set(state.supportX, PIXELS);
+      const all = await state.backend.predict(batch, 1 + n);
+      logits = Array.from(all.subarray(0, n));
+    }
     const probabilities = softmax(logits);
     stats.rounds += 1;
     state.prediction = { class: probabilities.indexOf(Math.max(...probabilities)), logits,

@@ -413,7 +413,9 @@ int main(int argc, char** argv) {
     // No .eval(): the modules must keep the mode they were exported in, since batch norm
     // in eval mode would switch to running statistics, which MAML never uses.
 
-    // adapt(support_x, support_y) -> (p0, ..., p{n-1}): the fine-tuned weights.
+    // adapt(support_x, support_y) -> (p0, ..., m0, ...): the task's adapted state, the fine-tuned
+    // weights and, for an adapter in the support normalisation mode, the support set's batch-norm
+    // moments (adapter.json, "norm"). It goes to predict as it is.
     auto adapted = adapt.forward({support_x, support_y});
     std::vector<torch::jit::IValue> inputs;
     if (adapted.isTuple()) {
@@ -425,7 +427,7 @@ int main(int argc, char** argv) {
     }
     inputs.push_back(query_x);
 
-    // predict(p0, ..., p{n-1}, query_x) -> outputs
+    // predict(p0, ..., m0, ..., query_x) -> outputs
     torch::NoGradGuard no_grad;
     auto outputs = predict.forward(inputs).toTensor();
     if (!torch::isfinite(outputs).all().item<bool>()) {
