@@ -15,7 +15,6 @@ import torch
 from maml.__main__ import command_help, main
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "omniglot"
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -140,12 +139,11 @@ def test_a_short_flag_names_one_option_or_is_refused(capsys):
     assert "unknown command 'trian'; did you mean train?" in bad(capsys, "trian")
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="Omniglot copy not found")
-def test_omniglot_train_and_eval(tmp_path, capsys, monkeypatch):
+def test_omniglot_train_and_eval(tmp_path, capsys, monkeypatch, synthetic_omniglot):
     """Trained with a relative --data-root, the run evaluates from any folder (the path is kept
     absolute), and `eval --data-root` finds data that has moved since."""
     ckpt = str(tmp_path / "o.pt")
-    relative = os.path.relpath(DATA, ROOT)
+    relative = os.path.relpath(synthetic_omniglot, ROOT)
     monkeypatch.chdir(ROOT)
     args = ["train", "--dataset", "omniglot", "--meta-batch-size", "2", "--model-kwargs",
             '{"hidden": 8}', "--checkpoint", ckpt, "--val-every", "2", "--log-every", "1",
@@ -157,19 +155,37 @@ def test_omniglot_train_and_eval(tmp_path, capsys, monkeypatch):
     assert state["iteration"] == 3 and state["config"]["model_kwargs"] == {"hidden": 8}
     assert set(state["split"]) == {"train", "val", "test"}
     assert state["model"]["kwargs"] == {"hidden": 8, "n_way": 5}
-    assert Path(state["config"]["data_root"]).samefile(DATA)
+    assert Path(state["config"]["data_root"]).samefile(synthetic_omniglot)
     assert Path(state["config"]["data_root"]).is_absolute()
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     assert main(["eval", "--checkpoint", ckpt, "--tasks", "5", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["metric"] == "accuracy" and 0 <= result["mean"] <= 1 and result["inner_steps"] == 3
-    (tmp_path / "moved").symlink_to(DATA.resolve())
+    (tmp_path / "moved").symlink_to(synthetic_omniglot)
     assert main(["eval", "--checkpoint", ckpt, "--tasks", "5", "--json",
                  "--data-root", "moved"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     assert f"no Omniglot data under {tmp_path / 'gone'}:" in bad(capsys, "eval", "--checkpoint",
                                                                 ckpt, "--data-root", "gone")
+
+
+def test_a_failed_download_is_one_line_and_leaves_no_empty_data_folder(tmp_path, capsys,
+                                                                      monkeypatch):
+    """Offline, `--download` once left `<data root>/omniglot-py/` behind, which later runs took
+    for data. (urlopen is replaced: nothing may download during the tests.)"""
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network in the tests")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    root = tmp_path / "data" / "omniglot"
+    line = bad(capsys, "train", "--dataset", "omniglot", "--download", "--data-root", str(root),
+               "--iterations", "1", "--checkpoint", str(tmp_path / "o.pt"), "--quiet")
+    assert line.startswith(f"error: cannot download Omniglot into {root} (")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "o.pt").exists()
 
 
 def bad(capsys, *args: str) -> str:

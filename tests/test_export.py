@@ -49,7 +49,7 @@ def export(ckpt: Path, out: Path, **kwargs) -> dict:
         return export_checkpoint(str(ckpt), str(out), tasks=2, log=lambda line: None, **kwargs)
 
 
-OMNIGLOT = ["--dataset", "omniglot", "--iterations", "1", "--meta-batch-size", "1"]
+OMNIGLOT = ["--dataset", "omniglot", "--iterations", "1", "--meta-batch-size", "1"]  # synthetic
 # name: (train arguments, export keyword arguments). Conv nets are narrow and 2 blocks deep to
 # keep the suite fast (the odd-size max-pool crop of deeper nets is covered by
 # test_export_decompositions). The exporter's own verification runs for two cases; the tests
@@ -91,11 +91,17 @@ CASES = {
 SLOW = {"maxpool-5step"}  # the largest graph (5 unrolled conv + max-pool backward passes)
 
 
-@pytest.fixture(scope="module", params=[
-    pytest.param(name, marks=[pytest.mark.slow] if name in SLOW else []) for name in CASES])
+def marks(name: str) -> list[pytest.MarkDecorator]:
+    return ([pytest.mark.slow] if name in SLOW else []) + (
+        [pytest.mark.omniglot] if "omniglot" in CASES[name][0] else [])
+
+
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=marks(name)) for name in CASES])
 def exported(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     train_args, export_kwargs = CASES[request.param]
+    if "omniglot" in train_args:  # the synthetic copy (tests/conftest.py), made only if needed
+        train_args = [*train_args, "--data-root", str(request.getfixturevalue("synthetic_omniglot"))]
     ckpt = train(folder, "model", *train_args)
     info = export(ckpt, folder / "adapter", **export_kwargs)
     return ckpt, folder / "adapter", info, export_kwargs["steps"]

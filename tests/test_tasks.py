@@ -1,8 +1,10 @@
 """Task distributions: parameter ranges, shapes, Omniglot sources, splits and rotations."""
 
 import math
+import shutil
+import urllib.error
+import urllib.request
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,9 +23,7 @@ from maml.tasks.omniglot import (
     to_model_input,
 )
 from maml.tasks.regression import Harmonic, Sinusoid
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"Omniglot copy not found at {DATA}")
+from tests.omniglot_data import FOLDER_CHARACTERS, IMAGES_ZIP, NPZ, OMNIGLOT, synthetic_drawings
 
 
 def test_sinusoid_tasks_follow_the_paper():
@@ -68,36 +68,99 @@ def test_box_resize_is_an_exact_area_average():
     assert np.allclose(box_resize(two, 4), two.reshape(4, 2, 4, 2).mean(axis=(1, 3)))
 
 
-@needs_data
-def test_folder_layout_archive_matches_npz(tmp_path):
-    with zipfile.ZipFile(DATA / "images_background_small1.zip") as z:
+@pytest.mark.needs_omniglot(*NPZ, IMAGES_ZIP)
+def test_upstream_archive_matches_the_npz_copy(tmp_path):
+    with zipfile.ZipFile(OMNIGLOT / IMAGES_ZIP) as z:
         z.extractall(tmp_path)
-    folder = tmp_path / "images_background_small1"
-    chars = read_image_folder(folder)
+    chars = read_image_folder(tmp_path / "images_background_small1")
     assert len(chars) == 136
-    npz = np.load(DATA / "images_background.npz")["images"]
+    npz = np.load(OMNIGLOT / "images_background.npz")["images"]
     ids = sorted(chars)
     raw_folder = np.stack([chars[c] for c in ids])
     raw_npz = npz[[c - 1 for c in ids]]
     assert np.array_equal(raw_folder, raw_npz)
     assert torch.equal(to_model_input(raw_folder), to_model_input(raw_npz))
-    # the loader names what is missing when the layout is incomplete
-    (tmp_path / "omniglot-py").mkdir()
-    folder.rename(tmp_path / "omniglot-py" / "images_background")
-    (tmp_path / "omniglot-py" / "images_evaluation").mkdir()
-    with pytest.raises(UsageError, match="lack 1487 characters"):
-        load_raw(tmp_path)
+
+
+@pytest.mark.needs_omniglot
+def test_the_real_copy_loads_as_ink_on_a_mostly_empty_page():
+    raw, source = load_raw(OMNIGLOT)
+    assert source == "npz" and raw.shape == (N_CHARACTERS, 20, 105, 105)
+    assert 0.03 < to_model_input(raw).mean() < 0.2
+
+
+def test_folder_layout_reads_every_drawing_of_its_characters(synthetic_omniglot_folders,
+                                                             synthetic_omniglot):
+    for part, npz in (("background", "images_background.npz"),
+                      ("evaluation", "images_evaluation.npz")):
+        chars = read_image_folder(synthetic_omniglot_folders / f"images_{part}")
+        ids = sorted(i for alphabet in FOLDER_CHARACTERS[part].values() for i in alphabet)
+        assert sorted(chars) == ids
+        raw = np.stack([chars[c] for c in ids])
+        assert np.array_equal(raw, synthetic_drawings([i - 1 for i in ids]))
+        offset = 0 if part == "background" else N_BACKGROUND
+        rows = np.load(synthetic_omniglot / npz)["images"][[i - 1 - offset for i in ids]]
+        assert np.array_equal(raw, rows)  # the two synthetic layouts hold the same drawings
+
+
+def test_incomplete_folder_layouts_are_named_never_read_as_blank(synthetic_omniglot_folders,
+                                                                 tmp_path):
+    shutil.copytree(synthetic_omniglot_folders, tmp_path / "omniglot-py")
+    present = sum(len(ids) for part in FOLDER_CHARACTERS.values() for ids in part.values())
+    with pytest.raises(UsageError, match=f"lack {N_CHARACTERS - present} characters"):
+        load_raw(tmp_path)  # torchvision's layout, under omniglot-py/
+    background = tmp_path / "omniglot-py" / "images_background"
     # a missing drawing or a damaged file is named, never read as blank paper
-    drawings = sorted((tmp_path / "omniglot-py").glob("*/*/character*/*.png"))
+    drawings = sorted(background.glob("*/character*/*.png"))
     drawings[1].unlink()
     with pytest.raises(UsageError, match=f"lacks drawings {drawings[1].name}"):
-        read_image_folder(tmp_path / "omniglot-py" / "images_background")
+        read_image_folder(background)
     drawings[2].write_bytes(b"not a png")
     with pytest.raises(UsageError, match=f"{drawings[2].name} is not a readable image"):
-        read_image_folder(tmp_path / "omniglot-py" / "images_background")
+        read_image_folder(background)
     Image.new("1", (28, 28)).save(drawings[2])
     with pytest.raises(UsageError, match=f"{drawings[2].name} is 28x28"):
-        read_image_folder(tmp_path / "omniglot-py" / "images_background")
+        read_image_folder(background)
+
+
+class _BrokenDownload:
+    """What urlopen returns on a connection that drops: a few bytes, then an error."""
+
+    def __init__(self, request, *args, **kwargs):
+        self.url, self.length, self.sent = request.full_url, 4096, False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def read(self, size=-1):
+        if self.sent:
+            raise ConnectionResetError("connection reset by peer")
+        self.sent = True
+        return b"PK\x03\x04 the start of a zip"
+
+
+def _unreachable(*args, **kwargs):
+    raise urllib.error.URLError("no network in the tests")
+
+
+@pytest.mark.parametrize("urlopen", [_unreachable, _BrokenDownload], ids=["offline", "dropped"])
+def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch, urlopen):
+    """An empty data folder left by a failed `--download` passed for data later (a test that
+    skipped without the data ran, and failed); torchvision may not reach the network here."""
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    root = tmp_path / "new" / "omniglot"
+    with pytest.raises(UsageError, match=f"cannot download Omniglot into {root} "):
+        load_raw(root, download=True)
+    assert not (tmp_path / "new").exists()
+    (root / "omniglot-py").mkdir(parents=True)  # already there: only what appeared goes
+    (root / "omniglot-py" / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="without internet, put the images_background/"):
+        load_raw(root, download=True)
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == [
+        "omniglot-py", "omniglot-py/notes.txt"]
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
@@ -129,10 +192,8 @@ def test_splits_are_disjoint_and_cover_everything(split):
 
 
 @pytest.fixture(scope="module")
-def omniglot_images():
-    if not DATA.is_dir():
-        pytest.skip(f"Omniglot copy not found at {DATA}")
-    raw, source = load_raw(DATA)
+def omniglot_images(synthetic_omniglot):
+    raw, source = load_raw(synthetic_omniglot)
     assert source == "npz" and raw.shape == (N_CHARACTERS, 20, 105, 105)
     return to_model_input(raw)
 

@@ -8,7 +8,8 @@ Sources, tried in this order under `data_root`:
 - `images_background.npz` + `images_evaluation.npz` (the offline copy, arrays `images`, `labels`);
 - the folder layout `torchvision.datasets.Omniglot` downloads:
   `[omniglot-py/]images_{background,evaluation}/<Alphabet>/characterNN/XXXX_YY.png`.
-`download=True` asks torchvision to fetch the folder layout first (needs internet).
+`download=True` asks torchvision to fetch the folder layout first (needs internet); a failed
+download removes what it created.
 
 Splits (`split=`):
 - `maml`: both sets pooled, a seeded permutation, 1200 characters for meta-training (of which
@@ -22,6 +23,7 @@ classes; validation and test tasks use unrotated characters.
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -78,19 +80,41 @@ def _find_folder(root: Path, name: str) -> Path | None:
     return None
 
 
+def _download(root: Path) -> None:
+    """Let torchvision fetch the folder layout into `root/omniglot-py`; if that fails, remove
+    what this attempt created (folders, a half-written zip), so that no empty data folder is
+    left behind for a later run to mistake for data."""
+    from torchvision.datasets import Omniglot
+
+    target = root / Omniglot.folder
+    created = target  # the outermost folder that does not exist yet, if any
+    while not created.parent.exists():
+        created = created.parent
+    before = set(target.iterdir()) if target.is_dir() else None
+    try:
+        for background in (True, False):
+            Omniglot(str(root), background=background, download=True)
+    except BaseException as exc:
+        if before is None:
+            shutil.rmtree(created, ignore_errors=True)
+        else:  # the folder was there: remove only what appeared in it
+            for path in set(target.iterdir()) - before:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        if isinstance(exc, (OSError, RuntimeError)):  # urllib's URLError is an OSError
+            raise UsageError(f"cannot download Omniglot into {root} ({exc}); without "
+                             "internet, put the images_background/ and images_evaluation/ "
+                             "folders (or the npz files) there yourself") from None
+        raise
+
+
 def load_raw(data_root: str | Path, download: bool = False) -> tuple[np.ndarray, str]:
     """All 1623 characters as `(1623, 20, 105, 105)` bool (True = paper), and the source's name."""
     root = Path(data_root).expanduser()
     if download:
-        from torchvision.datasets import Omniglot
-
-        for background in (True, False):
-            try:
-                Omniglot(str(root), background=background, download=True)
-            except (OSError, RuntimeError) as exc:  # urllib's URLError is an OSError
-                raise UsageError(f"cannot download Omniglot into {root} ({exc}); without "
-                                 "internet, put the images_background/ and images_evaluation/ "
-                                 "folders (or the npz files) there yourself") from None
+        _download(root)
     npz = [root / "images_background.npz", root / "images_evaluation.npz"]
     if all(p.is_file() for p in npz):
         try:

@@ -18,27 +18,32 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serve_helpers import OMNIGLOT, ROOT, Exported, Server, start_server, stop_server
+from serve_helpers import ROOT, Exported, Server, start_server, stop_server
 
 CACHE = Path(tempfile.gettempdir()) / "maml-serve-test-adapters"
 
 
 def _sources_key(*parts: str) -> str:
-    """A digest of everything an export depends on: the maml/ and export/ sources, torch, args."""
+    """A digest of everything an export depends on: the maml/ and export/ sources, torch, args,
+    and the maker of the synthetic Omniglot."""
     import torch
 
     digest = hashlib.sha256(f"{torch.__version__} {parts}".encode())
     for folder in ("maml", "export"):
         for file in sorted((ROOT / folder).rglob("*.py")):
             digest.update(str(file.relative_to(ROOT)).encode() + file.read_bytes())
+    digest.update((ROOT / "tests" / "omniglot_data.py").read_bytes())
     return digest.hexdigest()[:16]
 
 
-def _trained_and_exported(name: str, train_args: list[str]) -> Exported:
+def _trained_and_exported(name: str, train_args: list[str], data_root: Path | None = None
+                          ) -> Exported:
     """Train and export once; reuse the result while the sources are unchanged.
 
     Exporting takes about a minute of CPU per adapter, so the result is kept under the temporary
     folder, keyed by the sources of `maml/` and `export/` (a lock serialises concurrent runs).
+    `data_root` (the session's synthetic Omniglot) is passed as --data-root but left out of the
+    key: its folder name changes every session, its drawings do not.
     """
     export_args = ["--formats", "onnx,torchscript", "--steps", "2", "--no-verify"]
     folder = CACHE / f"{name}-{_sources_key(*train_args, *export_args)}"
@@ -49,7 +54,9 @@ def _trained_and_exported(name: str, train_args: list[str]) -> Exported:
         if not (folder / "done").is_file():
             from maml.__main__ import main
 
-            assert main(["train", *train_args, "--checkpoint", str(checkpoint), "--quiet"]) == 0
+            data = [] if data_root is None else ["--data-root", str(data_root)]
+            assert main(["train", *train_args, *data, "--checkpoint", str(checkpoint),
+                         "--quiet"]) == 0
             result = subprocess.run(
                 [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--out",
                  str(out), *export_args],
@@ -67,17 +74,15 @@ def sine() -> Exported:
 
 
 @pytest.fixture(scope="session")
-def omniglot() -> Exported:
-    """A 5-way conv net with batch norm (8 channels), 1 Omniglot iteration, 2 steps."""
-    if not (OMNIGLOT / "images_background.npz").is_file():
-        pytest.skip(f"no Omniglot data in {OMNIGLOT.resolve()}")
+def omniglot(synthetic_omniglot) -> Exported:
+    """A 5-way conv net with batch norm (8 channels), 1 iteration on the synthetic Omniglot of
+    `tests/conftest.py` (no real data needed), 2 steps."""
     return _trained_and_exported(
-        "omniglot", ["--dataset", "omniglot", "--data-root", str(OMNIGLOT.resolve()),
-                     "--iterations", "1", "--meta-batch-size", "2", "--val-tasks", "2",
-                     "--model-kwargs", '{"hidden": 8}'])
+        "omniglot", ["--dataset", "omniglot", "--iterations", "1", "--meta-batch-size", "2",
+                     "--val-tasks", "2", "--model-kwargs", '{"hidden": 8}'], synthetic_omniglot)
 
 
-@pytest.fixture(params=["sine", "omniglot"])
+@pytest.fixture(params=["sine", pytest.param("omniglot", marks=pytest.mark.omniglot)])
 def exported(request) -> Exported:
     return request.getfixturevalue(request.param)
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-OMNIGLOT = ROOT / "../shared/data/omniglot"
 
 # A prelude that makes `import torch` and `import higher` fail, to prove a code path needs neither.
 NO_TORCH = (

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +13,8 @@ from maml.errors import UsageError
 from maml.images import PREPROCESSING, box_resize, ink_from_omniglot
 from serve import image_input
 from serve.image_input import images_to_inputs
+from tests.omniglot_data import IMAGES_ZIP, OMNIGLOT, synthetic_drawings
 
-OMNIGLOT = Path(__file__).resolve().parents[2] / "../shared/data/omniglot"
-OMNIGLOT_ZIP = OMNIGLOT / "images_background_small1.zip"
 SHAPE = (1, 28, 28)
 
 
@@ -27,13 +25,13 @@ def png(image: Image.Image, fmt: str = "PNG") -> bytes:
 
 
 def omniglot_pngs(n: int) -> list[bytes]:
-    if not OMNIGLOT_ZIP.is_file():
-        pytest.skip(f"no Omniglot archive at {OMNIGLOT_ZIP} (see ../shared/data/omniglot)")
-    with zipfile.ZipFile(OMNIGLOT_ZIP) as z:
+    """The first `n` upstream PNGs (a test that calls this needs `IMAGES_ZIP`)."""
+    with zipfile.ZipFile(OMNIGLOT / IMAGES_ZIP) as z:
         names = sorted(name for name in z.namelist() if name.endswith(".png"))[:n]
         return [z.read(name) for name in names]
 
 
+@pytest.mark.needs_omniglot(IMAGES_ZIP)
 def test_omniglot_pngs_match_the_training_preprocessing():
     """An upstream Omniglot PNG gives the same 28x28 input the training data holds."""
     raw = omniglot_pngs(3)
@@ -97,7 +95,7 @@ def test_light_ink_on_dark_paper_is_refused():
     wrong answer (an audit measured 7% accuracy, below chance, for inverted queries)."""
     from PIL import ImageOps
 
-    raw = omniglot_pngs(2)
+    raw = [png(Image.fromarray(d)) for d in synthetic_drawings([0])[0, :2]]  # Omniglot-like
     inverted = png(ImageOps.invert(Image.open(io.BytesIO(raw[1])).convert("L")))
     with pytest.raises(UsageError, match=r"image 1 has a dark edge \(mean 0 of 255\): the "
                                          "adapter expects dark ink on light paper"):
