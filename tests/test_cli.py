@@ -314,7 +314,7 @@ def test_one_task_has_no_confidence_interval_rather_than_a_zero_one(capsys, sinu
     assert "+-" not in sentence and "one task: no confidence interval" in sentence
     assert main([*common, "--tasks", "2"]) == 0
     two = capsys.readouterr().out
-    assert two.count("+-") == 2 and "no confidence interval" not in two
+    assert two.count("+-") == 3 and "no confidence interval" not in two  # together, alone, before
 
 
 def test_plot_draws_the_learning_curves(tmp_path, capsys, sinusoid_ckpt):

@@ -211,9 +211,10 @@ def test_every_format_matches_the_training_inner_loop(exported, shots):
     for fmt, (adapt, predict, both) in loaders(folder, info).items():
         for i in range(len(batch)):
             sx, sy, qx = (t[i].numpy() for t in (batch.support_x, batch.support_y, batch.query_x))
-            weights = adapt(sx, sy)
-            assert [list(w.shape) for w in weights] == [p["shape"] for p in info["parameters"]]
-            for outputs in (both(sx, sy, qx), predict(*weights, qx)):
+            state = adapt(sx, sy)  # the weights, then (support mode) the batch-norm moments
+            assert [list(w.shape) for w in state] == [
+                p["shape"] for p in info["parameters"] + info["norm"]["moments"]]
+            for outputs in (both(sx, sy, qx), predict(*state, qx)):
                 assert outputs.shape == reference[i].shape
                 diff = np.abs(outputs - reference[i]).max()
                 assert diff <= TOLERANCE, (fmt, shots, diff)
@@ -225,7 +226,8 @@ def test_adaptation_changes_the_outputs(exported):
     """Guards the parity test against a routine that silently skips the SGD steps."""
     ckpt, folder, info, _ = exported
     exp, batch = tasks_with_shots(ckpt, 5, n=1)
-    unadapted = inner_loop(exp, None, batch, InnerLoop(exp.cfg.loss, 0, 0.0))[0]
+    unadapted = inner_loop(exp, None, batch, InnerLoop(exp.cfg.loss, 0, 0.0,
+                                                       norm=exp.cfg.norm))[0]
     session = ort.InferenceSession(str(folder / "adapt_predict.onnx"))
     feeds = {"support_x": batch.support_x[0].numpy(), "support_y": batch.support_y[0].numpy(),
              "query_x": batch.query_x[0].numpy()}

@@ -1,8 +1,9 @@
 """Fixtures of the runtime tests: tiny real adapters, exported once per session, and services.
 
-Two adapters are trained for a meta-iteration or two and exported with `python -m export`: the
-sinusoid MLP (regression, no batch norm) and a strided conv net with 8 channels on Omniglot
-(5-way classification with batch norm and image preprocessing). Exports are cached under the
+Tiny adapters are trained for a meta-iteration or two and exported with `python -m export`: the
+sinusoid MLP (regression, no batch norm), a sinusoid MLP with batch norm in both normalisation
+modes, and a strided conv net with 8 channels on Omniglot (5-way classification with batch norm
+and image preprocessing), in both modes. Exports are cached under the
 temporary folder keyed by the sources they depend on (see `_trained_and_exported`).
 """
 
@@ -80,6 +81,32 @@ def omniglot(synthetic_omniglot) -> Exported:
     return _trained_and_exported(
         "omniglot", ["--dataset", "omniglot", "--iterations", "1", "--meta-batch-size", "2",
                      "--val-tasks", "2", "--model-kwargs", '{"hidden": 8}'], synthetic_omniglot)
+
+
+@pytest.fixture(scope="session")
+def sine_bn() -> Exported:
+    """A sinusoid MLP with batch norm in the `support` mode (the default): no data needed."""
+    return _trained_and_exported(
+        "sine-bn", ["--iterations", "2", "--val-tasks", "5",
+                    "--model", "tests.export_models:batchnorm_mlp"])
+
+
+@pytest.fixture(scope="session")
+def sine_bn_transductive() -> Exported:
+    """The same in the `transductive` mode (the MAML paper's)."""
+    return _trained_and_exported(
+        "sine-bn-transductive", ["--iterations", "2", "--val-tasks", "5", "--norm",
+                                 "transductive", "--model", "tests.export_models:batchnorm_mlp"])
+
+
+@pytest.fixture(scope="session")
+def omniglot_transductive(synthetic_omniglot) -> Exported:
+    """The Omniglot conv net in the `transductive` mode (synthetic Omniglot too)."""
+    return _trained_and_exported(
+        "omniglot-transductive",
+        ["--dataset", "omniglot", "--norm", "transductive", "--iterations", "1",
+         "--meta-batch-size", "2", "--val-tasks", "2", "--model-kwargs", '{"hidden": 8}'],
+        synthetic_omniglot)
 
 
 @pytest.fixture(params=["sine", pytest.param("omniglot", marks=pytest.mark.omniglot)])

@@ -72,7 +72,8 @@ def reference(exp: Exported, task: dict[str, np.ndarray]) -> np.ndarray:
     model = build_model(state["model"]["spec"], state["model"]["kwargs"], example)
     load_weights(model, state["model"]["state_dict"], str(exp.checkpoint))
     table = torch.tensor(meta["step_sizes"], dtype=torch.float32)
-    inner = InnerLoop(meta["loss"], meta["steps"], lr=0.0)
+    inner = InnerLoop(meta["loss"], meta["steps"], lr=0.0,
+                      norm=(meta.get("norm") or {}).get("mode", "transductive"))
     sx, sy, qx = (torch.from_numpy(task[k])[None] for k in ("support_x", "support_y", "query_x"))
     batch = TaskBatch(sx, sy, qx, torch.zeros(1, qx.shape[1], dtype=sy.dtype))
     return adapt_predict(model, table, batch, inner)[0].numpy()

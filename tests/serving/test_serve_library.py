@@ -57,16 +57,19 @@ def test_inputs_from_lists_and_a_task_predicts_many_query_sets(sine):
         np.testing.assert_allclose(adapted.predict(queries.tolist()), expected, atol=1e-4)
 
 
-def test_batch_norm_predictions_depend_on_the_query_batch(omniglot, sine):
-    """Documented behaviour: batch norm normalises with the query batch's statistics."""
-    for exp, has_batch_norm in ((omniglot, True), (sine, False)):
+def test_predictions_depend_on_the_query_batch_only_in_the_transductive_mode(
+        omniglot, omniglot_transductive, sine):
+    """Documented behaviour: a transductive adapter normalises with the query batch's
+    statistics; a support-mode one (the default) and a model without batch norm do not."""
+    for exp, batch_dependent in ((omniglot_transductive, True), (omniglot, False),
+                                 (sine, False)):
         adapter = serve.load(exp.directory)
         task = make_task(exp.meta, 2, 3, seed=6)
         adapted = adapter.adapt(task["support_x"], task["support_y"])
         together = adapted.predict(task["query_x"])
         alone = np.concatenate([adapted.predict(task["query_x"][i : i + 2])
                                 for i in range(0, len(task["query_x"]), 2)])
-        assert np.allclose(together, alone, atol=1e-5) != has_batch_norm
+        assert np.allclose(together, alone, atol=1e-5) != batch_dependent
 
 
 def test_image_adapter_takes_png_bytes(omniglot, tmp_path):
