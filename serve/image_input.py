@@ -13,6 +13,13 @@ character is dark ink on light paper, like Omniglot's PNGs, so each image is:
    character's aspect ratio (Omniglot's own images are square, so they are unchanged);
 3. mapped to ink values and box-resized with `maml.images` (numpy only), exactly as training
    data was, then given the adapter's channel dimension.
+
+The square is only materialised when it is small (at most `PAD_FACTOR` times the image and
+`MAX_PIXELS`): then steps 2-3 are `maml.images` bit for bit. A very wide or tall image (a 1 x 12000
+strip) would otherwise cost side^2 pixels (1.25 GB for 77 bytes of PNG), so it is resized without
+the square: paper is ink 0 and contributes nothing, so only the columns of the resize matrices
+that meet the image are used (equal to the padded result up to float rounding, 1e-7), in time and
+memory proportional to the image's own pixels. A side over `MAX_SIDE` is refused from the header.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from maml.errors import UsageError
 from maml.images import preprocess_grayscale
 
 MAX_PIXELS = 4096 * 4096
+MAX_SIDE = 16384  # longest side: the resize weights are (28, side) float64
+PAD_FACTOR = 4  # pad to a real square only while it has at most 4x the image's pixels
 # per call (an adapt-and-predict counts its support and query images together): 2000 Omniglot
 # images (105x105, 22M pixels) or five 12-megapixel photos fit; decoding this many pixels takes
 # about a second of CPU
@@ -98,6 +107,9 @@ def image_size(data: bytes, label: str = "image 0") -> tuple[int, int]:
     if width * height > MAX_PIXELS or min(width, height) < 1:
         raise UsageError(f"{label} is {width}x{height}; send images of at most "
                          f"{MAX_PIXELS} pixels")
+    if max(width, height) > MAX_SIDE:
+        raise UsageError(f"{label} is {width}x{height}; send images of at most {MAX_SIDE} "
+                         "pixels on a side (crop the paper around the drawing)")
     return width, height
 
 
@@ -126,7 +138,8 @@ def _eight_bit_gray(image: Any) -> Any:
 
 
 def grayscale_pixels(data: bytes, label: str = "image 0") -> np.ndarray:
-    """Decode PNG / JPEG bytes to a square uint8 grayscale array, paper = 255.
+    """Decode PNG / JPEG bytes to a uint8 grayscale `(height, width)` array, paper = 255
+    (`padded_ink` pads it to a square and resizes it).
 
     An image whose edge is dark on average is refused: it is light ink on dark paper (a
     dark-mode canvas, a negative), which the adapter would read as a page full of ink and
@@ -152,12 +165,34 @@ def grayscale_pixels(data: bytes, label: str = "image 0") -> np.ndarray:
         raise UsageError(f"{label} has a dark edge (mean {edge.mean():.0f} of 255): the adapter "
                          "expects dark ink on light paper; invert light-on-dark images before "
                          "sending them")
+    return gray
+
+
+def _box_weights(side: int, size: int, start: int, count: int) -> np.ndarray:
+    """Columns `start:start + count` of `maml.images.box_resize_matrix(side, size)`, as float32,
+    computed alone (the same formula, so the same values) rather than sliced from the whole."""
+    scale = side / size
+    edges = np.arange(size + 1) * scale
+    lo, hi = edges[:-1, None], edges[1:, None]
+    pix = np.arange(start, start + count)[None, :]
+    overlap = np.clip(np.minimum(hi, pix + 1) - np.maximum(lo, pix), 0.0, None)
+    return (overlap / scale).astype(np.float64).astype(np.float32)
+
+
+def padded_ink(gray: np.ndarray, size: int) -> np.ndarray:
+    """A uint8 grayscale image (paper = 255), padded with paper to a centred square and
+    box-resized to `size x size` ink in [0, 1], as `maml.images.preprocess_grayscale` does to the
+    square; without building the square when it would be large (see the module docstring)."""
     h, w = gray.shape
     side = max(h, w)
-    square = np.full((side, side), 255, dtype=np.uint8)
     top, left = (side - h) // 2, (side - w) // 2
-    square[top : top + h, left : left + w] = gray
-    return square
+    if side * side <= min(PAD_FACTOR * h * w, MAX_PIXELS):  # every ordinary image: bit for bit
+        square = np.full((side, side), 255, dtype=np.uint8)
+        square[top : top + h, left : left + w] = gray
+        return preprocess_grayscale(square, size, ink_is_dark=True)
+    rows, cols = _box_weights(side, size, top, h), _box_weights(side, size, left, w)
+    ink = 1.0 - gray.astype(np.float32) / 255.0
+    return np.clip(rows @ (ink @ cols.T), 0.0, 1.0)
 
 
 def images_to_inputs(
@@ -175,7 +210,6 @@ def images_to_inputs(
     check_pixel_budget(images, names)  # from the headers, before any image is decoded
     out = np.empty((len(images), 1, size, size), dtype=np.float32)
     for i, data in enumerate(images):
-        darkness = preprocess_grayscale(grayscale_pixels(data, names[i]), size,
-                                        ink_is_dark=True)  # in [0, 1], 1 where the ink is
+        darkness = padded_ink(grayscale_pixels(data, names[i]), size)  # 1 where the ink is
         out[i, 0] = paper + (ink - paper) * darkness
     return out

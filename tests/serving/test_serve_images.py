@@ -147,3 +147,45 @@ def test_total_pixels_per_set_are_bounded_before_decoding(monkeypatch):
     with pytest.raises(UsageError, match="the 3 images have 1200 pixels in all, over the limit "
                                          "of 1000; send fewer or smaller images"):
         images_to_inputs(images, PREPROCESSING, SHAPE)
+
+
+def test_wide_and_tall_images_cost_their_own_pixels_not_a_square():
+    """A 1 x W strip used to be padded to a W x W square before the resize (a 77-byte 1 x 12000
+    PNG took 1.25 GB); its cost is now its own pixels, and the answer is still the padded one."""
+    import tracemalloc
+
+    strip = np.full((1, 3000), 255, np.uint8)
+    strip[0, 1000:1500] = 0
+    data = [png(Image.fromarray(strip)), png(Image.fromarray(strip.T.copy()))]
+    tracemalloc.start()
+    try:
+        got = images_to_inputs(data, PREPROCESSING, SHAPE)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4_000_000, f"a 1 x 3000 image took {peak / 1e6:.0f} MB"  # padded to a square: 83 MB
+    padded = np.zeros((3000, 3000), np.float32)
+    padded[1499] = 1.0 - strip[0] / 255.0  # the centred row of a paper square
+    np.testing.assert_allclose(got[0, 0], box_resize(padded, 28), atol=1e-6)
+    np.testing.assert_allclose(got[1, 0], box_resize(padded.T, 28), atol=1e-6)
+
+
+def test_ordinary_shapes_are_still_padded_bit_for_bit():
+    """Up to `PAD_FACTOR` times its own pixels the image is padded as before (exactly)."""
+    from maml.images import preprocess_grayscale
+
+    wide = np.full((30, 100), 255, np.uint8)  # 100^2 <= 4 * 3000: padded
+    wide[5:25, 40:60] = 0
+    square = np.full((100, 100), 255, np.uint8)
+    square[35:65] = wide
+    got = images_to_inputs([png(Image.fromarray(wide))], PREPROCESSING, SHAPE)
+    assert np.array_equal(got[0, 0], preprocess_grayscale(square, 28))
+
+
+def test_a_side_over_the_limit_is_refused_from_the_header():
+    """A 1 x 16777216 PNG (16 KB) ended in a MemoryError (a 500 over HTTP)."""
+    data = png(Image.new("L", (16_777_216, 1), 255))
+    assert len(data) < 100_000
+    with pytest.raises(UsageError, match=r"image 0 is 16777216x1; send images of at most 16384 "
+                                         "pixels on a side"):
+        images_to_inputs([data], PREPROCESSING, SHAPE)
