@@ -28,6 +28,11 @@ BATCH_NORM = {
     "support": "batch statistics of the support batch in adapt; predict normalises every query "
                "with the support set's moments m0.. (a mean and a variance per batch-norm layer, "
                "in call order), so each query's output depends on that query alone",
+    "tasknorm": "TaskNorm-I: adapt normalises each support example with the support moments "
+                "blended with its own instance moments; predict does the same for each query with "
+                "the support's moments m0.. (a mean and a variance per batch-norm layer, in call "
+                "order) and the support size (the last m), so each query's output depends on that "
+                "query alone",
 }
 
 

@@ -111,7 +111,7 @@ def routine(exp: Experiment, steps: int | None = None, lr: float | None = None) 
     with torch.no_grad():  # the batch-norm layers and their moments: one forward of two examples
         probe = torch.randn(2, *exp.source.input_shape, generator=torch.Generator().manual_seed(0))
         every = support_moments(deterministic, init, probe, "support")
-    shapes = tuple(tuple(m.shape) for m in every) if norm == "support" else ()
+        shapes = tuple(tuple(m.shape) for m in support_moments(deterministic, init, probe, norm))
     return Routine(deterministic, init, names, table.clone(), cfg.loss, norm, shapes,
                    len(every) // 2)
 

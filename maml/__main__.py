@@ -230,8 +230,9 @@ class CLI:
             first_order: first-order MAML (no gradient through the inner loop's gradients).
             learn_inner_lr: meta-learn a step size per parameter tensor and per step (Meta-SGD).
             norm: batch norm's statistics for a query: support (the task's support set, so each
-                query is answered alone; default) or transductive (the queries sent together,
-                the MAML paper's convention).
+                query is answered alone; default), tasknorm (TaskNorm-I: the support set's
+                blended with the query's own; also alone) or transductive (the queries sent
+                together, the MAML paper's convention).
             meta_lr: Adam's learning rate for the meta-update.
             meta_batch_size: tasks per meta-update (regression 25, 5-way 32, 20-way 16).
             iterations: meta-updates in all (regression 70000, Omniglot 60000).

@@ -52,7 +52,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from maml.norms import Moments, check_mode, support_moments
+from maml.norms import (
+    Moments,
+    blend_indices,
+    blends_from,
+    check_mode,
+    on_support,
+    support_moments,
+)
 
 Params = tuple[Tensor, ...]
 """Parameter tensors in the order of `model.named_parameters()`."""
@@ -170,7 +177,10 @@ def adapt_task(
 ) -> tuple[Params, Moments]:
     """A task's adapted state: the weights after `adapt`, and the support set's batch-norm
     moments under them (empty unless `norm` is `support`); `maml.norms.predict` takes both."""
-    fast = adapt(forward, params, support_x, support_y, loss, step_sizes, grad_fn)
+    def inner_forward(p: Params, x: Tensor) -> Tensor:
+        return on_support(forward, p, x, norm)
+
+    fast = adapt(inner_forward, params, support_x, support_y, loss, step_sizes, grad_fn)
     return fast, support_moments(forward, fast, support_x, norm)
 
 
@@ -255,7 +265,10 @@ def functional_forward(model: nn.Module) -> Forward:
     names = [name for name, _ in model.named_parameters()]
     use_batch_statistics(model)
 
+    blends = blend_indices(names)  # TaskNorm's (a, b), where the model has them
+
     def forward(params: Params, x: Tensor) -> Tensor:
-        return torch.func.functional_call(model, dict(zip(names, params)), (x,))
+        with blends_from(params, blends):
+            return torch.func.functional_call(model, dict(zip(names, params)), (x,))
 
     return forward

@@ -18,6 +18,7 @@ from maml.checkpoint import load_weights
 from maml.config import Config
 from maml.errors import UsageError
 from maml.models import build_model, model_kwargs, resolve_spec
+from maml.norms import add_parameters, check_call_order
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -92,6 +93,11 @@ def build(cfg: Config, split: dict[str, torch.Tensor] | None = None,
     torch.manual_seed(cfg.seed)
     example = torch.zeros(2, *source.input_shape, dtype=DTYPES[cfg.dtype])
     model = build_model(spec, kwargs, example, source.output_shape).to(cfg.device)
+    if cfg.norm == "tasknorm":
+        problem = check_call_order(model, example.to(cfg.device))
+        if problem is not None:
+            raise UsageError(f"the model {spec} cannot use TaskNorm: {problem}")
+    add_parameters(model, cfg.norm or "transductive")
     n_tensors = len(list(model.parameters()))
     inner_lrs = None
     if cfg.learn_inner_lr:

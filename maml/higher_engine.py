@@ -43,7 +43,7 @@ from maml.adaptation import (
     use_batch_statistics,
 )
 from maml.errors import UsageError, gist
-from maml.norms import predict
+from maml.norms import blend_indices, blends_from, predict
 from maml.tasks import TaskBatch
 
 _ROUTING: weakref.WeakKeyDictionary[nn.Module, str | None] = weakref.WeakKeyDictionary()
@@ -106,6 +106,13 @@ def routing_problem(model: nn.Module, x: Tensor) -> str | None:
     return problem
 
 
+def _check_routing(model: nn.Module, x: Tensor, for_use: bool) -> None:
+    """`routing_problem` once per model, on its first input."""
+    if model not in _ROUTING:
+        with evaluation_mode(model) if for_use else nullcontext():
+            routing_problem(model, x)
+
+
 def _forward(model: nn.Module, for_use: bool = False, plain: bool = False):
     if plain:  # the same loop through torch.func.functional_call: no higher, no vmap
         functional = functional_forward(model)
@@ -120,14 +127,15 @@ def _forward(model: nn.Module, for_use: bool = False, plain: bool = False):
     with evaluation_mode(model) if for_use else nullcontext():  # `higher` copies the modes
         fmodel = higher.monkeypatch(model, copy_initial_weights=False)
 
+    blends = blend_indices([name for name, _ in model.named_parameters()])  # TaskNorm's
+
     def forward(params: Params, x: Tensor) -> Tensor:
-        if model not in _ROUTING:  # once per model, on its first input
-            with evaluation_mode(model) if for_use else nullcontext():
-                routing_problem(model, x)
+        _check_routing(model, x, for_use)  # (the engine's calls did, outside any norm mode)
         if _ROUTING[model] is not None:
             raise UsageError(f"the higher engine cannot run this model: {_ROUTING[model]}; use "
                              "--engine batched (or auto)")
-        return fmodel(x, params=list(params))
+        with blends_from(params, blends):
+            return fmodel(x, params=list(params))
 
     return forward
 
@@ -147,6 +155,8 @@ def meta_gradient(
     reference `maml.engine_select` holds the batched engine to).
     """
     forward = _forward(model, plain=plain)
+    if not plain and len(batch):  # before the norm mode's forwards: its probe runs plain layers
+        _check_routing(model, batch.support_x[0], for_use=False)
     params = tuple(model.parameters())
     grad_fn = autograd_grad(create_graph=not inner.first_order)
     losses, accuracies = [], []
@@ -186,6 +196,8 @@ def adapt_predict(
         inner.steps, len(params), inner.lr, lrs, params[0].dtype, params[0].device
     )
     forward = _forward(model, for_use=True, plain=plain)
+    if not plain and len(batch):
+        _check_routing(model, batch.support_x[0], for_use=True)
     outputs = []
     for i in range(len(batch)):
         sx, sy, qx, _ = (t[i] for t in batch.tensors())

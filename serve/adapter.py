@@ -10,8 +10,9 @@ before any computation, and every problem is a one-line `maml.errors.UsageError`
 non-finite adapted weights or outputs (inputs far outside the training range).
 
 Batch norm follows the adapter's normalisation mode (`adapter.norm`, recorded at training time):
-- `support` (the default for new runs): queries are normalised with the support set's statistics,
-  kept with the task, so each query's output depends on that query alone: send one or many.
+- `support` (the default for new runs) and `tasknorm`: queries are normalised with the support
+  set's statistics (blended with each query's own, for `tasknorm`), kept with the task, so each
+  query's output depends on that query alone: send one or many.
 - `transductive` (the MAML paper's, and every adapter exported before the modes): queries are
   normalised with the statistics of the query batch, so an answer depends on the other queries
   sent with it; a batch of fewer queries than `n_way` gets a `TransductiveWarning`.
@@ -126,7 +127,7 @@ class Adapter:
 
     @property
     def norm(self) -> str:
-        """The normalisation mode: `"support"` or `"transductive"` (see the module docstring)."""
+        """The normalisation mode: `"support"`, `"tasknorm"` or `"transductive"` (module docstring)."""
         return metadata.norm_mode(self.metadata)
 
     def inputs(self, x: Any, name: str) -> Any:

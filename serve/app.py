@@ -216,7 +216,7 @@ def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
         version=str(meta.get("versions", {}).get("maml", "")),
         description=f"A MAML {meta['task']} adapter: adapt to a support set, then predict. "
                     + ("Each query is answered on its own (batch norm uses the support set's "
-                       "statistics)." if adapter.norm == "support" else
+                       "statistics)." if adapter.norm != "transductive" else
                        "Batch norm uses the statistics of each query batch (transductive), so "
                        "send a query set together; a smaller batch gets a `warning`."),
     )

@@ -74,11 +74,11 @@ def read(directory: Path) -> dict[str, Any]:
     ):
         raise UsageError(f"{file}: a classification adapter needs an integer n_way")
     norm = meta.get("norm", {"mode": "transductive", "moments": []})
-    if not (isinstance(norm, dict) and norm.get("mode") in ("transductive", "support")
+    if not (isinstance(norm, dict) and norm.get("mode") in ("transductive", "support", "tasknorm")
             and isinstance(norm.get("moments"), list)
             and all(isinstance(m, dict) and isinstance(m.get("name"), str)
                     for m in norm["moments"])):
-        raise UsageError(f"{file}: 'norm' must be {{'mode': 'transductive' or 'support', "
+        raise UsageError(f"{file}: 'norm' must be {{'mode': 'transductive', 'support' or 'tasknorm', "
                          f"'moments': [{{'name': ..., 'shape': [...]}}, ...]}}, got {norm!r}; "
                          "re-export the adapter")
     for key in ("input", "target"):
@@ -89,14 +89,15 @@ def read(directory: Path) -> dict[str, Any]:
 
 
 def norm_mode(meta: dict[str, Any]) -> str:
-    """The adapter's normalisation mode: `support` (each query answered alone) or
+    """The adapter's normalisation mode: `support` or `tasknorm` (each query answered alone) or
     `transductive` (queries normalised together; adapters exported before the modes)."""
     return (meta.get("norm") or {}).get("mode", "transductive")
 
 
 def state_names(meta: dict[str, Any]) -> list[str]:
     """What `adapt` returns and `predict` takes before `query_x`: the weights `p0..`, then the
-    support set's batch-norm moments `m0..` (none for a transductive adapter)."""
+    support set's batch-norm moments `m0..` (none for a transductive adapter; TaskNorm's end with
+    the support size)."""
     moments = (meta.get("norm") or {}).get("moments", [])
     return [f"p{i}" for i in range(len(meta["parameters"]))] + [m["name"] for m in moments]
 

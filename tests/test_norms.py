@@ -14,7 +14,7 @@ from torch import nn
 from maml import batched_engine, higher_engine
 from maml.adaptation import InnerLoop, use_batch_statistics
 from maml.models import ConvNetClassifier, maxpool_cnn, omniglot_cnn, sinusoid_mlp
-from maml.norms import NORM_MODES, has_batch_norm
+from maml.norms import BLEND, NORM_MODES, add_parameters, check_call_order, has_batch_norm
 from maml.tasks import TaskBatch
 
 EPS = 1e-5
@@ -45,6 +45,80 @@ def hand_forward(params, x, moments=None):
         h = (h - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + EPS)
         h = torch.relu(h * gamma[None, :, None, None] + beta[None, :, None, None])
     return F.linear(h.mean(dim=(2, 3)), params[8], params[9]), used
+
+
+def hand_tasknorm_forward(params, x, given=None):
+    """The same net with TaskNorm-I written out: blend the support moments (the batch's own, or
+    `given` = (moments, support size)) with each example's instance moments. Params per block:
+    conv w, b, bn gamma, beta, (a, b)."""
+    used, n = [], x.shape[0] if given is None else given[1]
+    h = x
+    for block in range(2):
+        w, b, gamma, beta, blend = params[5 * block: 5 * block + 5]
+        h = F.conv2d(h, w, b, stride=2, padding=1)
+        if given is None:
+            mean = h.mean(dim=(0, 2, 3))
+            var = ((h - mean[None, :, None, None]) ** 2).mean(dim=(0, 2, 3))
+        else:
+            mean, var = given[0][block]
+        used.append((mean, var))
+        m, v = mean[None, :, None, None], var[None, :, None, None]
+        own_m = h.mean(dim=(2, 3), keepdim=True)
+        own_v = ((h - own_m) ** 2).mean(dim=(2, 3), keepdim=True)
+        alpha = torch.sigmoid(blend[0] * n + blend[1])
+        pooled = alpha * m + (1 - alpha) * own_m
+        pooled_v = alpha * (v + (m - pooled) ** 2) + (1 - alpha) * (own_v + (own_m - pooled) ** 2)
+        h = (h - pooled) / torch.sqrt(pooled_v + EPS)
+        h = torch.relu(h * gamma[None, :, None, None] + beta[None, :, None, None])
+    return F.linear(h.mean(dim=(2, 3)), params[10], params[11]), (used, n)
+
+
+def reference_tasknorm_meta_gradient(theta0, lr, steps, first_order, batch):
+    theta = [p.detach().clone().requires_grad_() for p in theta0]
+    total = 0.0
+    for i in range(len(batch)):
+        fast = list(theta)
+        for _ in range(steps):
+            logits, _ = hand_tasknorm_forward(fast, batch.support_x[i])
+            grads = torch.autograd.grad(F.cross_entropy(logits, batch.support_y[i]), fast,
+                                        create_graph=not first_order)
+            fast = [p - lr * g for p, g in zip(fast, grads)]
+        _, task = hand_tasknorm_forward(fast, batch.support_x[i])
+        logits, _ = hand_tasknorm_forward(fast, batch.query_x[i], task)
+        total = total + F.cross_entropy(logits, batch.query_y[i]) / len(batch)
+    return torch.autograd.grad(total, theta), total.detach()
+
+
+def tasknorm_model():
+    torch.manual_seed(0)
+    model = use_batch_statistics(add_parameters(omniglot_cnn(n_way=3, hidden=6, blocks=2).double(),
+                                                "tasknorm"))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # away from a = b = 0, so that a mix-up of a and b shows
+        for name, p in model.named_parameters():
+            if name.endswith(BLEND):
+                p.copy_(torch.tensor([0.2, -0.5], dtype=torch.float64)
+                        + 0.1 * torch.randn(2, generator=gen, dtype=torch.float64))
+    return model
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_tasknorm_meta_gradient_matches_the_hand_written_float64_reference(first_order, steps):
+    model = tasknorm_model()
+    names = [n for n, _ in model.named_parameters()]
+    assert [n for n in names if n.endswith(BLEND)] == ["1.tasknorm_blend", "4.tasknorm_blend"]
+    batch = image_batch()
+    expected, expected_loss = reference_tasknorm_meta_gradient(
+        list(model.parameters()), 0.3, steps, first_order, batch)
+    assert expected[4].abs().max() > 1e-6  # the blend really is learned
+    inner = InnerLoop("cross_entropy", steps, 0.3, first_order, "tasknorm")
+    for engine in (higher_engine, batched_engine):
+        model.zero_grad()
+        stats = engine.meta_gradient(model, None, batch, inner)
+        for p, e in zip(model.parameters(), expected):
+            assert torch.allclose(p.grad, e, rtol=1e-10, atol=1e-13), (p.grad - e).abs().max()
+        assert torch.allclose(stats["loss"], expected_loss, rtol=1e-12)
 
 
 def reference_meta_gradient(theta0, lr, steps, first_order, batch, transductive):
@@ -85,7 +159,7 @@ def sine_batch(tasks=3, seed=1):
     return TaskBatch(x[:, :5], y[:, :5], x[:, 5:], y[:, 5:])
 
 
-@pytest.mark.parametrize("norm", NORM_MODES)
+@pytest.mark.parametrize("norm", ["transductive", "support"])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
 @pytest.mark.parametrize("steps", [1, 3])
 def test_meta_gradient_matches_the_hand_written_float64_reference(norm, first_order, steps):
@@ -130,23 +204,26 @@ def flat_grad(engine, model, learned, batch, inner):
     for t in tensors:
         t.grad = None
     engine.meta_gradient(model, learned, batch, inner)
-    return torch.cat([t.grad.flatten() for t in tensors])
+    # (a blend a 2-d batch norm never uses: None from the loop, zeros from vmap, the same)
+    return torch.cat([(torch.zeros_like(t) if t.grad is None else t.grad).flatten()
+                      for t in tensors])
 
 
+@pytest.mark.parametrize("norm", ["support", "tasknorm"])
 @pytest.mark.parametrize("learn_lr", [False, True], ids=["fixed-lr", "learned-lr"])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_support_mode_engines_agree_in_float64(case, first_order, learn_lr):
+def test_engines_agree_in_float64(case, first_order, learn_lr, norm):
     make_model, make_batch, loss, lr = CASES[case]
     torch.manual_seed(0)
-    model = use_batch_statistics(make_model().double())
+    model = use_batch_statistics(add_parameters(make_model().double(), norm))
     learned = None
     if learn_lr:
         n = len(list(model.parameters()))
         gen = torch.Generator().manual_seed(3)
         learned = nn.Parameter(lr * (0.5 + torch.rand(2, n, generator=gen, dtype=torch.float64)))
     batch = make_batch()
-    inner = InnerLoop(loss, 2, lr, first_order, "support")
+    inner = InnerLoop(loss, 2, lr, first_order, norm)
     expected = flat_grad(higher_engine, model, learned, batch, inner)
     for engine in (batched_engine, batched_engine.BatchedEngine(task_chunk=2)):
         got = flat_grad(engine, model, learned, batch, inner)
@@ -155,10 +232,10 @@ def test_support_mode_engines_agree_in_float64(case, first_order, learn_lr):
 
 @pytest.mark.parametrize("engine", [higher_engine, batched_engine], ids=["higher", "batched"])
 @pytest.mark.parametrize("case", ["cnn", "bn1d-mlp"])
-def test_support_mode_predicts_each_query_as_if_alone(case, engine):
+def test_non_transductive_modes_predict_each_query_as_if_alone(case, engine):
     make_model, make_batch, loss, lr = CASES[case]
     torch.manual_seed(0)
-    model = use_batch_statistics(make_model().double())
+    model = use_batch_statistics(add_parameters(make_model().double(), "tasknorm"))
     batch = make_batch(side=28) if case == "cnn" else make_batch()  # > 1 pixel after 4 blocks
     together = {}
     for norm in NORM_MODES:
@@ -177,6 +254,8 @@ def test_support_mode_predicts_each_query_as_if_alone(case, engine):
         else:
             assert gap < 1e-12
     assert (together["support"] - together["transductive"]).abs().max() > 1e-3
+    if case == "cnn":  # (a 2-d batch norm has no instance moments: tasknorm is support there)
+        assert (together["tasknorm"] - together["support"]).abs().max() > 1e-3
 
 
 def test_a_model_without_batch_norm_is_the_same_in_every_mode():
@@ -187,6 +266,27 @@ def test_a_model_without_batch_norm_is_the_same_in_every_mode():
     outs = [higher_engine.adapt_predict(model, None, batch, InnerLoop("mse", 2, 0.05, norm=n))
             for n in NORM_MODES]
     assert torch.equal(outs[0], outs[1])
+
+
+class _Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.bn(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+def test_tasknorm_needs_each_batch_norm_called_once_in_order():
+    x = torch.rand(2, 1, 8, 8)
+    assert check_call_order(omniglot_cnn(n_way=3, hidden=4), torch.rand(2, 1, 28, 28)) is None
+    assert "once, in order" in check_call_order(_Twice(), x)
+    model = use_batch_statistics(add_parameters(_Twice().double(), "tasknorm"))
+    batch = image_batch(tasks=1, side=8)
+    with pytest.raises(ValueError, match="batch-norm call 2 has no TaskNorm parameters"):
+        higher_engine.adapt_predict(model, None, batch, InnerLoop("cross_entropy", 1, 0.1,
+                                                                  norm="tasknorm"))
 
 
 def test_an_unknown_mode_is_refused_by_name():

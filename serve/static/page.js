@@ -312,7 +312,7 @@ async function main() {
   penRadius = pen.pen_radius;
   $('pen').textContent = String(penRadius);
   const n = meta.n_way;
-  const alone = (meta.norm && meta.norm.mode) === 'support';  // each query answered on its own
+  const alone = ['support', 'tasknorm'].includes(meta.norm && meta.norm.mode);  // each query alone
 
   const showResult = (probabilities) => {
     const best = probabilities.indexOf(Math.max(...probabilities));

@@ -109,6 +109,16 @@ def omniglot_transductive(synthetic_omniglot) -> Exported:
         synthetic_omniglot)
 
 
+@pytest.fixture(scope="session")
+def omniglot_tasknorm(synthetic_omniglot) -> Exported:
+    """The Omniglot conv net in the `tasknorm` mode (synthetic Omniglot too)."""
+    return _trained_and_exported(
+        "omniglot-tasknorm",
+        ["--dataset", "omniglot", "--norm", "tasknorm", "--iterations", "1",
+         "--meta-batch-size", "2", "--val-tasks", "2", "--model-kwargs", '{"hidden": 8}'],
+        synthetic_omniglot)
+
+
 @pytest.fixture(params=["sine", pytest.param("omniglot", marks=pytest.mark.omniglot)])
 def exported(request) -> Exported:
     return request.getfixturevalue(request.param)

@@ -64,12 +64,14 @@ def reference(exp: Exported, task: dict[str, np.ndarray]) -> np.ndarray:
     from maml.checkpoint import load_weights
     from maml.higher_engine import adapt_predict
     from maml.models import build_model
+    from maml.norms import add_parameters
     from maml.tasks import TaskBatch
 
     state = checkpoint.load(exp.checkpoint)
     meta = exp.meta
     example = torch.zeros(2, *meta["input"]["shape"])
     model = build_model(state["model"]["spec"], state["model"]["kwargs"], example)
+    add_parameters(model, state["config"].get("norm") or "transductive")  # TaskNorm's (a, b)
     load_weights(model, state["model"]["state_dict"], str(exp.checkpoint))
     table = torch.tensor(meta["step_sizes"], dtype=torch.float32)
     inner = InnerLoop(meta["loss"], meta["steps"], lr=0.0,

@@ -32,17 +32,33 @@ def test_a_support_adapter_answers_each_query_alone_in_the_library(sine_bn, back
     meta = sine_bn.meta
     assert meta["norm"]["mode"] == "support" and meta["norm"]["batch_norm_layers"] == 2
     assert [m["shape"] for m in meta["norm"]["moments"]] == [[16]] * 4  # mean, var per layer
-    adapter = serve.load(sine_bn.directory, backend)
-    assert adapter.norm == "support"
-    task = make_task(meta, 6, 9, seed=3)
+    check_each_query_alone(sine_bn, backend, 4)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_a_tasknorm_adapter_answers_each_query_alone_in_the_library(omniglot_tasknorm, backend):
+    meta = omniglot_tasknorm.meta
+    assert meta["norm"]["mode"] == "tasknorm" and meta["norm"]["batch_norm_layers"] == 4
+    # mean, var per layer, then the support size
+    assert [m["shape"] for m in meta["norm"]["moments"]] == [[8]] * 8 + [[]]
+    assert sum(p["name"].endswith("tasknorm_blend") for p in meta["parameters"]) == 4
+    check_each_query_alone(omniglot_tasknorm, backend, 9)
+
+
+def check_each_query_alone(exported, backend: str, n_moments: int) -> None:
+    meta = exported.meta
+    adapter = serve.load(exported.directory, backend)
+    assert adapter.norm == meta["norm"]["mode"]
+    task = make_task(meta, 2, 3, seed=3) if exported.classification else make_task(meta, 6, 9, 3)
     adapted = adapter.adapt(task["support_x"], task["support_y"])
-    assert len(adapted.moments) == 4 and len(adapted.parameters) == len(meta["parameters"])
+    assert len(adapted.moments) == n_moments
+    assert len(adapted.parameters) == len(meta["parameters"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning: the answers are each query's own
         together = adapted.predict(task["query_x"])
         alone = one_at_a_time(adapted.predict, task["query_x"])
     np.testing.assert_allclose(alone, together, atol=ALONE, rtol=0)
-    np.testing.assert_allclose(together, reference(sine_bn, task), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(together, reference(exported, task), atol=1e-5, rtol=0)
     stateless = adapter.adapt_predict(task["support_x"], task["support_y"], task["query_x"][:1])
     np.testing.assert_allclose(stateless, together[:1], atol=ALONE, rtol=0)
 
@@ -84,20 +100,23 @@ def test_the_http_service_answers_each_query_alone(sine_bn, server_factory):
     assert meta["norm"]["mode"] == "support"
 
 
-def test_the_cpp_program_answers_each_query_alone(cpp_program, sine_bn, tmp_path):  # noqa: F811
-    task = make_task(sine_bn.meta, 6, 4, seed=5)
+@pytest.mark.parametrize("name", ["sine_bn", "omniglot_tasknorm"])
+def test_the_cpp_program_answers_each_query_alone(cpp_program, name, request,  # noqa: F811
+                                                  tmp_path):
+    exported = request.getfixturevalue(name)
+    task = make_task(exported.meta, 2, 2, seed=5)
 
     def run(query_x: np.ndarray) -> np.ndarray:
         file = tmp_path / "task.bin"
         tensor_file.save(file, {**task, "query_x": query_x})
-        result = subprocess.run([str(cpp_program), str(sine_bn.directory), str(file)],
+        result = subprocess.run([str(cpp_program), str(exported.directory), str(file)],
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         return parse(result.stdout)[0]
 
     together = run(task["query_x"])
     np.testing.assert_allclose(one_at_a_time(run, task["query_x"]), together, atol=ALONE, rtol=0)
-    expected = serve.load(sine_bn.directory, "torchscript").adapt(
+    expected = serve.load(exported.directory, "torchscript").adapt(
         task["support_x"], task["support_y"]).predict(task["query_x"])
     np.testing.assert_allclose(together, expected, atol=1e-5, rtol=0)
 
@@ -114,7 +133,7 @@ def test_declared_moments_that_do_not_match_the_files_are_refused(sine_bn, tmp_p
     with pytest.raises(serve.UsageError, match="adapt.ts returns 14 tensors, but adapter.json "
                                                "declares 12"):
         serve.load(copy, "torchscript").adapt(task["support_x"], task["support_y"])
-    meta["norm"] = {"mode": "tasknorm", "moments": []}
+    meta["norm"] = {"mode": "running-averages", "moments": []}
     (copy / "adapter.json").write_text(json.dumps(meta))
     with pytest.raises(serve.UsageError, match="'norm' must be"):
         serve.load(copy)
