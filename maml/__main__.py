@@ -210,6 +210,7 @@ class CLI:
         checkpoint_every: int = 500,
         resume: bool = False,
         overwrite: bool = False,
+        tensorboard: str | None = None,
         minutes: float | None = None,
         quiet: bool = False,
         dist_timeout: float = 300.0,
@@ -261,6 +262,7 @@ class CLI:
             resume: continue the run saved at --checkpoint; it keeps what it learns with.
             overwrite: start again over the run saved at --checkpoint (refused without it).
             minutes: stop after this many minutes of this call, with a checkpoint.
+            tensorboard: also write the metrics as TensorBoard event files to this folder.
             quiet: no progress bar.
             dist_timeout: under torchrun, seconds to wait for another process before failing.
         """
@@ -289,6 +291,7 @@ class CLI:
             cfg.with_defaults()
         ranks, device = distributed.start(device, dist_timeout)
         cfg = dataclasses.replace(cfg, device=device)
+            tensorboard=tensorboard,
         try:
             result = train(cfg, resume=resume, progress=not quiet, max_minutes=minutes,
                            ranks=ranks, given=self._given, overwrite=overwrite)

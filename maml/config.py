@@ -24,7 +24,7 @@ ENGINES = ("auto", "higher", "batched")
 RESUMABLE = (
     "iterations", "device", "engine", "task_chunk", "memory_budget_mb", "compile", "cuda_graphs",
     "bf16", "tf32", "log_every", "val_every", "val_tasks", "checkpoint_every", "data_root",
-    "download",
+    "download", "tensorboard",
 )
 """Settings a resumed run may change: how and how long it runs, not what it learns."""
 
@@ -74,6 +74,7 @@ class Config:
     val_tasks: int = 100
     checkpoint_every: int = 500
 
+    tensorboard: str | None = None  # a folder for TensorBoard event files, beside the JSON lines
     def with_defaults(self) -> Config:
         """Fill unset settings from the MAML paper's choices for this dataset."""
         self.check_choices()

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from maml import checkpoint, distributed
 from maml.config import Config, resumed
@@ -47,6 +46,7 @@ from maml.errors import Stopped, UsageError
 from maml.evaluate import evaluate
 from maml.experiment import Experiment, build, restore
 from maml.norms import has_batch_norm
+from maml.progress import Progress
 
 VAL_SEED = 4321  # validation tasks are the same at every validation, for a fair comparison
 
@@ -101,6 +101,16 @@ def run_lock(where: dict[str, Path], held: bool = True) -> Iterator[None]:
             yield
         finally:
             lock.unlink(missing_ok=True)
+
+
+def _tensorboard(folder: str):
+    """A TensorBoard writer for `folder` (`--tensorboard`), or a one-line refusal without it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                         "(or drop --tensorboard; metrics are in <run>.metrics.jsonl too)") from None
+    return SummaryWriter(log_dir=str(Path(folder).expanduser()))
 
 
 def _validate(exp: Experiment, engine, ranks: Ranks = SINGLE) -> dict[str, Any]:
@@ -319,13 +329,15 @@ def _train(cfg: Config, where: dict[str, Path], resume: bool, progress: bool,
 
     t0 = time.perf_counter() - metrics.get("seconds", 0.0)  # training seconds add up over resumes
     deadline = None if max_minutes is None else time.perf_counter() + 60 * max_minutes
-    bar = tqdm(total=cfg.iterations, initial=start, disable=not (progress and main), desc="meta-train",
-               dynamic_ncols=True)
+    bar = Progress(start, cfg.iterations, None if max_minutes is None else 60 * max_minutes,
+                   enabled=progress and main)
+    board = _tensorboard(cfg.tensorboard) if main and cfg.tensorboard else None
     running: dict[str, float] = {}
     done, signum, out_of_time = start, 0, False
-    say = (lambda message: tqdm.write(message, file=sys.stderr)) if main else (lambda message: None)
+    say = bar.write if main else (lambda message: None)
     asked = stop_requests(say, again_stops_now=not distributed.under_torchrun_agent())
-    with asked as received, contextlib.closing(bar), log or contextlib.nullcontext():
+    with asked as received, contextlib.closing(bar), log or contextlib.nullcontext(), \
+            board or contextlib.nullcontext():
         for it in range(start, cfg.iterations):
             batch = exp.source.sample(cfg.meta_batch_size, gen, "train")
             lo, hi = ranks.share(cfg.meta_batch_size)  # every rank drew the same batch
@@ -337,14 +349,19 @@ def _train(cfg: Config, where: dict[str, Path], resume: bool, progress: bool,
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(exp.meta_parameters, cfg.grad_clip)
             opt.step()
-            bar.update(1)
             done = it + 1
             last = done == cfg.iterations
-            validate = done % cfg.val_every == 0 or last  # its own schedule, not only at log steps
-            if done % cfg.log_every == 0 or validate:
+            # all ranks stop after the same iteration: any rank's signal, or rank 0's clock
+            out_of_time = main and deadline is not None and time.perf_counter() > deadline
+            signum, out_of_time = distributed.max_over_ranks(
+                [received[0] if received else 0, out_of_time], ranks)
+            # validation on its own schedule, at the end, and at the end of a --minutes slot (a
+            # short run is judged by it), not when a signal asks to stop now
+            validate = done % cfg.val_every == 0 or last or (out_of_time and not signum)
+            logged = done % cfg.log_every == 0 or validate
+            if logged:
                 running = {k: v.item() for k, v in stats.items()}
                 stop_if_diverged(done, running["loss"])
-                bar.set_postfix({k: f"{v:.4f}" for k, v in running.items()})
                 record = {"iteration": done, "seconds": time.perf_counter() - t0, **running}
                 if validate:
                     val_start = time.perf_counter()
@@ -363,10 +380,13 @@ def _train(cfg: Config, where: dict[str, Path], resume: bool, progress: bool,
                 if log is not None:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-            # all ranks stop after the same iteration: any rank's signal, or rank 0's clock
-            out_of_time = main and deadline is not None and time.perf_counter() > deadline
-            signum, out_of_time = distributed.max_over_ranks(
-                [received[0] if received else 0, out_of_time], ranks)
+                if board is not None:
+                    for key, value in record.items():
+                        if key not in ("iteration", "seconds"):
+                            board.add_scalar(key, value, done)
+                    board.flush()
+            bar.update(done, {k: v for k, v in record.items() if k not in ("iteration", "seconds")}
+                       if logged else None)
             if done % cfg.checkpoint_every == 0 or last or signum or out_of_time:
                 stop_if_diverged(done, stats["loss"].item())
                 metrics["seconds"] = time.perf_counter() - t0

@@ -152,9 +152,10 @@ def test_overwrite_drops_the_old_runs_best_checkpoint(tmp_path):
     best = paths(old.checkpoint)["best"]
     assert best.exists()
     new = sinusoid_config(tmp_path, iterations=50, val_every=1000)
-    train(new, progress=False, overwrite=True, max_minutes=0)  # stops before any validation
+    train(new, progress=False, overwrite=True, max_minutes=0)  # one iteration, validated
     assert torch.load(old.checkpoint, weights_only=True)["iteration"] == 1
-    assert not best.exists()
+    kept = torch.load(best, weights_only=True)  # the new run's best, not the old one's
+    assert kept["iteration"] == 1 and kept["config"]["inner_lr"] != 0.02
 
 
 def test_a_failed_overwrite_leaves_no_half_of_the_old_run(tmp_path):
