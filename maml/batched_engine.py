@@ -245,6 +245,11 @@ class BatchedEngine:
         included, so a graph is kept per chunk shape and meta-batch size (`shapes`).
         """
         key = (id(model), inner, learned, shapes if self.cuda_graphs else None, plain)
+        if self.compile and not plain and inner.norm == "tasknorm":
+            # measured: the compiled TaskNorm step is 3e-3 off the loop (its (a, b) reach the
+            # norm layers through a context variable, which compilation does not follow)
+            raise ValueError("--compile does not support --norm tasknorm yet (its compiled step "
+                             "is not exact); drop --compile, or use --norm support")
         if key not in self._steps:
             step = meta_step_fn(model, inner, learned)
             if self.bf16:

@@ -292,3 +292,18 @@ def test_tasknorm_needs_each_batch_norm_called_once_in_order():
 def test_an_unknown_mode_is_refused_by_name():
     with pytest.raises(ValueError, match="unknown normalisation mode 'batch'.*transductive"):
         InnerLoop("mse", 1, 0.1, norm="batch")
+
+
+def test_compiling_the_tasknorm_step_is_refused_in_one_line():
+    from maml.batched_engine import BatchedEngine
+    from maml.config import Config
+    from maml.errors import UsageError
+
+    model = use_batch_statistics(add_parameters(omniglot_cnn(n_way=3, hidden=4), "tasknorm"))
+    batch = image_batch(tasks=1, side=28)
+    batch = TaskBatch(*(t.float() if t.is_floating_point() else t for t in batch.tensors()))
+    with pytest.raises(ValueError, match="--compile does not support --norm tasknorm"):
+        BatchedEngine(compile=True).meta_gradient(
+            model, None, batch, InnerLoop("cross_entropy", 1, 0.4, norm="tasknorm"))
+    with pytest.raises(UsageError, match="--compile does not support --norm tasknorm"):
+        Config(dataset="omniglot", norm="tasknorm", compile=True).with_defaults()
