@@ -11,7 +11,6 @@ averages (`maml.adaptation.use_batch_statistics`). Which batch, at prediction ti
   the adapted weights and each batch-norm layer's mean and variance there, the task's *moments*,
   become part of the adapted state. Every query is normalised with them, so a query's output
   depends only on that query and the task's support set: one at a time equals all together.
-
 - `tasknorm`: TaskNorm-I (Bronskill et al., "TaskNorm: Rethinking Batch Normalization for
   Meta-Learning", ICML 2020). Every example, support or query, is normalised with a blend of
   the support set's moments and its own instance moments (over its spatial positions), with
@@ -67,13 +66,13 @@ def check_mode(norm: str) -> str:
     return norm
 
 
-def has_batch_norm(model: nn.Module) -> bool:
-    """Whether any layer of `model` is a batch-norm layer (the only kind a mode changes)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 def _batch_norms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether any layer of `model` is a batch-norm layer (the only kind a mode changes)."""
+    return bool(_batch_norms(model))
 
 
 def add_parameters(model: nn.Module, norm: str) -> nn.Module:
