@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from maml.arguments import Parser
+from maml.arguments import Parser, program_name
 from maml.errors import exit_status
 
 
 def parser() -> argparse.ArgumentParser:
     p = Parser(
-        prog="python -m export",
+        prog=program_name("export", "maml-export"),
         description="Export a meta-trained checkpoint as a fixed-step adapter "
                     "(ONNX, TorchScript, torch.export .pt2) and verify it.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint from `python -m maml train`")
@@ -28,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of onnx,torchscript,pt2")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check")
     p.add_argument("--tasks", type=int, default=3,
-                   help="test tasks per support size for the parity check (default 3)")
+                   help="test tasks per support size for the parity check")
     p.add_argument("--seed", type=int, default=0, help="seed of the parity-check tasks")
     p.add_argument("--data-root", default=None,
                    help="the Omniglot data, if it has moved since training (default: the run's)")

@@ -1,4 +1,6 @@
-"""Command line: `python -m maml train ...` and `python -m maml eval ...` (built with fire).
+"""Command line: `python -m maml train ...`, `eval`, `plot` and `data` (built with fire; also
+installed as the `maml` command). `--help` is argparse's layout, like `maml-export` and
+`maml-serve` (`command_help`).
 
 Bad input ends with one line on standard error, `error: ...`, and exit status 2.
 Both commands also run under torchrun (`torchrun --nproc-per-node N -m maml train ...`): the
@@ -80,7 +82,7 @@ def check_options(argv: list[str]) -> frozenset[str]:
         raise UsageError(f"unknown command {argv[0]!r}; {hint}(commands: {', '.join(commands)})")
     command = getattr(CLI, argv[0], None) if argv else None
     if command is None:
-        return frozenset()  # `python -m maml --help` and the like: fire's own
+        return frozenset()  # `python -m maml --help` and the like (`command_help`)
     parameters = {n: p for n, p in inspect.signature(command).parameters.items() if n != "self"}
     known = list(parameters)
     is_flag = re.compile(r"^(--|-[a-zA-Z])").match
@@ -106,19 +108,19 @@ def check_options(argv: list[str]) -> frozenset[str]:
                 raise UsageError(f"-{key} is ambiguous for `{argv[0]}` ({names}); write the "
                                  "option out in full")
             if not starting:
-                raise UsageError(f"`{argv[0]}` has no option -{key} (see python -m maml "
+                raise UsageError(f"`{argv[0]}` has no option -{key} (see {program()} "
                                  f"{argv[0]} --help)")
             given.add(starting[0])
         else:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean --{close[0].replace('_', '-')}?" if close else ""
             raise UsageError(f"`{argv[0]}` has no option --{key.replace('_', '-')}{hint} "
-                             f"(see python -m maml {argv[0]} --help)")
+                             f"(see {program()} {argv[0]} --help)")
     required = [n for n, p in parameters.items() if p.default is inspect.Parameter.empty]
     missing = [n for n in required[positional:] if n not in given]
     if missing and not {"help", "h"} & {t.lstrip("-") for t in rest}:
         flags = " ".join(f"--{n.replace('_', '-')} {n.upper()}" for n in missing)
-        raise UsageError(f"`{argv[0]}` needs {flags} (see python -m maml {argv[0]} --help)")
+        raise UsageError(f"`{argv[0]}` needs {flags} (see {program()} {argv[0]} --help)")
     return frozenset(given)
 
 
@@ -189,7 +191,7 @@ class CLI:
         grad_clip: float | None = None,
         model: str | None = None,
         model_kwargs: Any = None,
-        data_root: str = "../shared/data/omniglot",
+        data_root: str | None = None,
         download: bool = False,
         split: str = "maml",
         val_chars: int = 50,
@@ -240,7 +242,8 @@ class CLI:
             grad_clip: clip the meta-gradient to this norm (off by default).
             model: mlp, cnn, maxpool, convnet, or package.module:factory for your own nn.Module.
             model_kwargs: JSON object of arguments for the model factory, e.g. '{"hidden": 32}'.
-            data_root: folder with the Omniglot npz files or the torchvision folder layout.
+            data_root: the Omniglot folder: npz files or the upstream folders (default
+                $MAML_DATA/omniglot, else ~/.cache/maml-toolkit/omniglot; see `data`).
             download: let torchvision download Omniglot into --data-root (needs internet).
             split: maml (1200 / 423 pooled characters) or background (Lake's alphabet split).
             val_chars: meta-training characters held out for validation.
@@ -268,6 +271,7 @@ class CLI:
         """
         from maml import distributed
         from maml.config import Config
+        from maml.data import default_root
         from maml.train import train
 
         if minutes is not None and not 0 < minutes < float("inf"):
@@ -280,7 +284,8 @@ class CLI:
             first_order=first_order, learn_inner_lr=learn_inner_lr, norm=norm, meta_lr=meta_lr,
             meta_batch_size=meta_batch_size, iterations=iterations, grad_clip=grad_clip,
             model=model, model_kwargs=_kwargs(model_kwargs),
-            data_root=os.path.abspath(os.path.expanduser(data_root)),  # eval runs from anywhere
+            data_root=str(default_root()) if data_root is None  # absolute: eval runs anywhere
+            else os.path.abspath(os.path.expanduser(data_root)),
             download=download, split=split, val_chars=val_chars, seed=seed, device=device,
             engine=engine, task_chunk=task_chunk, memory_budget_mb=memory_budget_mb,
             compile=compile, cuda_graphs=cuda_graphs, bf16=bf16, tf32=tf32,
@@ -443,26 +448,84 @@ class CLI:
         print(plot_curves({label: paths(r)["metrics"] for label, r in zip(labels, runs)}, target,
                           title=title))
 
+    @checked
+    def data(self, data_root: str | None = None, download: bool = False) -> None:
+        """Find Omniglot (or download it), build its npz arrays, print where it is and checksums.
+
+        The folder is --data-root, else $MAML_DATA/omniglot, else ~/.cache/maml-toolkit/omniglot.
+        It may hold the arrays already, the upstream folders images_background/ and
+        images_evaluation/ (<Alphabet>/characterNN/XXXX_YY.png), or their zip archives: the
+        arrays images_background.npz + images_evaluation.npz are built from those once.
+
+        Args:
+            data_root: the Omniglot folder (default $MAML_DATA/omniglot, else the user cache).
+            download: fetch the upstream folders with torchvision first (needs internet).
+        """
+        from maml.data import prepare
+
+        found = prepare(data_root, download)
+        how = "built from the upstream folders" if found["built"] else "arrays found"
+        print(f"Omniglot in {found['root']} ({found['characters']} characters; {how})")
+        for path, digest in found["files"].items():
+            print(f"{digest}  {path}")
+
+
+def program() -> str:
+    """How this program was started, for its help and messages: `maml` or `python -m maml`."""
+    from maml.arguments import program_name
+
+    return program_name("maml", "maml")
+
+
+def _doc_parts(method: Callable) -> tuple[str, dict[str, str]]:
+    """A command's description (the docstring before `Args:`) and its options' help lines."""
+    doc = inspect.cleandoc(method.__doc__ or "")
+    description, _, args = doc.partition("\nArgs:\n")
+    helps: dict[str, str] = {}
+    name = None
+    for line in args.splitlines():
+        match = re.match(r"^\s{4}(\w+): (.*)$", line)
+        if match:
+            name, helps[match[1]] = match[1], match[2]
+        elif name and line.strip():
+            helps[name] += " " + line.strip()
+    return description.strip(), helps
+
 
 def command_help(command: str | None) -> str | None:
-    """fire's help for `command` (None: the program), spelled as the options are typed:
-    `--n-way=N_WAY` rather than `--n_way`, `int` rather than `Optional['int | None']`, and
-    without fire's quotes around the program name (None for a name that is not a command)."""
-    import fire.helptext
-    import fire.trace
+    """`--help` of the program (`command` None) or of one command, in argparse's layout, as
+    `maml-export --help` and `maml-serve --help` print theirs: a usage line, the description,
+    then one entry per option spelled as typed (`--n-way N_WAY`) with its default. None for a
+    name that is not a command."""
+    from maml.arguments import Parser
 
-    component: Any = CLI(frozenset())
-    trace = fire.trace.FireTrace(component, name="python -m maml")
-    if command is not None:
-        if command.startswith("_") or not callable(getattr(CLI, command, None)):
-            return None
-        component = getattr(component, command)
-        trace.AddAccessedProperty(component, command, [command], None, None)
-    text = fire.helptext.HelpText(component, trace=trace)
-    text = text.replace("'python -m maml'", "python -m maml")
-    text = re.sub(r"--(\w+)=", lambda m: "--" + m.group(1).replace("_", "-") + "=", text)
-    text = re.sub(r"Optional\['(.+?)(?: \| None)?'\]", r"\1", text)
-    return re.sub(r"Type: '([^']+)'", r"Type: \1", text)
+    prog = program()
+    commands = [n for n in vars(CLI) if not n.startswith("_") and callable(getattr(CLI, n))]
+    if command is None:
+        p = Parser(prog=prog, description=inspect.cleandoc(CLI.__doc__ or ""),
+                   epilog=f"`{prog} COMMAND --help` describes a command's options.")
+        sub = p.add_subparsers(title="commands", metavar="COMMAND")
+        for name in commands:
+            summary = _doc_parts(getattr(CLI, name))[0].splitlines()[0]
+            sub.add_parser(name, help=summary.replace("%", "%%"))
+        return p.format_help().rstrip()
+    if command not in commands:
+        return None
+    method = getattr(CLI, command)
+    description, helps = _doc_parts(method)
+    p = Parser(prog=f"{prog} {command}", description=description)
+    for name, parameter in inspect.signature(method).parameters.items():
+        if name == "self":
+            continue
+        flag, default = "--" + name.replace("_", "-"), parameter.default
+        text = helps.get(name, "").replace("%", "%%")  # argparse formats help with %
+        if default is inspect.Parameter.empty:
+            p.add_argument(flag, required=True, metavar=name.upper(), help=text)
+        elif default is False:
+            p.add_argument(flag, action="store_true", help=text)
+        else:
+            p.add_argument(flag, metavar=name.upper(), default=default, help=text)
+    return p.format_help().rstrip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -472,14 +535,14 @@ def main(argv: list[str] | None = None) -> int:
         given = check_options(argv)
         before = argv[:argv.index("--") if "--" in argv else len(argv)]
         text = None
-        if before in (["--help"], ["-h"]):
+        if before in ([], ["--help"], ["-h"]):
             text = command_help(None)
         elif len(before) > 1 and {"--help", "-h"} & set(before[1:]):
             text = command_help(before[0])
         if text is not None:
             print(text)
             return
-        fire.Fire(CLI(given), command=fire_argv(argv), name="python -m maml")
+        fire.Fire(CLI(given), command=fire_argv(argv), name=program())
 
     code = exit_status(run)
     from maml.distributed import exit_if_joined

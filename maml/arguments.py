@@ -18,6 +18,12 @@ from pathlib import Path
 from maml.errors import UsageError
 
 
+def program_name(module: str, command: str) -> str:
+    """`command` when this process was started as that console command (`maml-export`),
+    else `python -m module`: what `--help` and the errors call the program."""
+    return command if Path(sys.argv[0]).name == command else f"python -m {module}"
+
+
 def whole_numbers(text: str, option: str, example: str) -> list[int]:
     """Comma-separated whole numbers >= 1 (`--procs 1,2`), or a UsageError naming `option`."""
     try:
@@ -47,8 +53,33 @@ def writable_file(path: Path, option: str) -> None:
         path.unlink()
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """The one `--help` layout of `maml`, `maml-export` and `maml-serve`: paragraphs of the
+    description kept apart, and `(default: X)` after an option's help unless the default is
+    None, off, or already said."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = [p for p in text.split("\n\n") if p.strip()]
+        return "\n\n".join(super(HelpFormatter, self)._fill_text(p, width, indent)
+                            for p in paragraphs)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.default in (None, False, argparse.SUPPRESS)
+                or not action.option_strings):
+            return text
+        if text.endswith("."):
+            return text[:-1] + " (default: %(default)s)."
+        return text + " (default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line: `error: ...`, exit status 2, no usage block."""
+    """argparse whose errors are one line: `error: ...`, exit status 2, no usage block; help
+    in the toolkit's layout (`HelpFormatter`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace=None):
         tokens = sys.argv[1:] if args is None else list(args)

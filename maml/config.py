@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from maml.adaptation import InnerLoop
+from maml.data import default_root
 from maml.errors import UsageError
 from maml.norms import NORM_MODES
 
@@ -52,7 +53,7 @@ class Config:
     model: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     # data
-    data_root: str = "../shared/data/omniglot"
+    data_root: str = field(default_factory=lambda: str(default_root()))  # maml.data: absolute
     download: bool = False
     split: str = "maml"
     val_chars: int = 50

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from maml import checkpoint  # noqa: E402
 from maml.arguments import Parser  # noqa: E402
 from maml.config import Config  # noqa: E402
+from maml.data import ENV, default_root  # noqa: E402
 from maml.curves import plot_curves  # noqa: E402
 from maml.errors import Stopped, UsageError, exit_status  # noqa: E402
 from maml.evaluate import eval_batches, evaluate, summary  # noqa: E402
@@ -283,6 +284,18 @@ def plot_variants(out: Path) -> Path | None:
                        title=f"Omniglot 5-way 1-shot variants on {where}")
 
 
+CHECKOUT_DATA = ROOT.parent / "shared" / "data" / "omniglot"
+"""Where this project's machines keep Omniglot: beside the checkout."""
+
+
+def data_root() -> Path:
+    """This script's Omniglot: $MAML_DATA/omniglot when MAML_DATA is set, else the copy beside
+    the checkout when there is one, else the toolkit's default (the user cache)."""
+    if os.environ.get(ENV, "").strip() or not CHECKOUT_DATA.is_dir():
+        return default_root()
+    return CHECKOUT_DATA
+
+
 def parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("benchmark", nargs="?", choices=sorted(BENCHMARKS),
@@ -296,8 +309,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
     p.add_argument("--engine", default="auto", help="auto, higher or batched")
-    p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "omniglot"),
-                   help="the Omniglot data (npz files or torchvision's folder layout)")
+    p.add_argument("--data-root", default=str(data_root()),
+                   help="the Omniglot data (npz files or torchvision's folder layout; default "
+                        "$MAML_DATA/omniglot, else ../shared/data/omniglot beside the checkout "
+                        "when it exists, else ~/.cache/maml-toolkit/omniglot)")
     p.add_argument("--val-every", type=int, default=500,
                    help="iterations between validations (the learning curve's points)")
     p.add_argument("--log-every", type=int, default=50, help="iterations between metric lines")

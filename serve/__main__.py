@@ -12,13 +12,12 @@ import socket
 import sys
 from pathlib import Path
 
-from maml.arguments import Parser
+from maml.arguments import Parser, program_name
 from maml.errors import UsageError
 
 
 def parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m serve", description=__doc__.splitlines()[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog=program_name("serve", "maml-serve"), description=__doc__.splitlines()[0])
     p.add_argument("--adapter", required=True, help="export directory (python -m export --out)")
     p.add_argument("--backend", choices=("onnx", "torchscript"), default="onnx",
                    help="run the adapter with onnxruntime, or with libtorch (TorchScript)")

@@ -365,10 +365,10 @@ def test_ctrl_c_outside_training_is_one_line_and_status_130(capsys, sinusoid_ckp
     assert capsys.readouterr().err.strip() == "stopped: interrupted (Ctrl-C)"
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "plot"])
+@pytest.mark.parametrize("command", ["train", "eval", "plot", "data"])
 def test_help_describes_every_option(command):
-    """`--help` shows each option's description from the docstring's Args section (fire reads
-    it), so an option added without one fails here."""
+    """`--help` shows each option's description from the docstring's Args section, in the
+    layout of `python -m export --help` (argparse's), so an option added without one fails here."""
     import inspect
 
     from maml.__main__ import CLI
@@ -378,25 +378,44 @@ def test_help_describes_every_option(command):
     options = set(inspect.signature(method).parameters) - {"self"}
     assert described == options
     text = command_help(command)  # spelled as typed: --n-way, not fire's --n_way
+    assert text.startswith(f"usage: python -m maml {command} [-h]") and "\noptions:\n" in text
     for name, parameter in inspect.signature(method).parameters.items():
         if name == "self":
             continue
-        required = parameter.default is inspect.Parameter.empty  # fire lists it as positional
-        shown = f"    {name.upper()}\n" if required else f"--{name.replace('_', '-')}="
-        assert shown in text, name
-    assert not re.search(r"--\w+_\w+=", text) and "Optional[" not in text
+        flag = f"--{name.replace('_', '-')}"
+        switch = parameter.default is False
+        assert re.search(rf"^  {flag}( {name.upper()})?( |$)", text, re.M), name
+        assert (f"[{flag}]" if switch else f"{flag} {name.upper()}") in text, name
+    assert not re.search(r"--\w+_\w+", text) and "Optional[" not in text
     if command == "eval":
         shown = run_cli(command, "--help")
         assert shown.returncode == 0 and shown.stdout.strip() == text.strip()
         assert "the run to evaluate" in shown.stdout and shown.stderr == ""
+        assert "--tasks TASKS" in text and "(default: 600)" in text
 
 
 def test_program_help_lists_the_commands():
     shown = run_cli("--help")
     assert shown.returncode == 0 and shown.stderr == ""
-    assert shown.stdout.startswith("NAME\n    python -m maml - ")
-    for command in ("train", "eval", "plot"):
-        assert re.search(rf"^\s+{command}$", shown.stdout, re.M), command
+    assert shown.stdout.startswith("usage: python -m maml [-h] COMMAND ...")
+    for command in ("train", "eval", "plot", "data"):
+        assert re.search(rf"^\s+{command}\s+\S", shown.stdout, re.M), command
+
+
+def test_the_three_programs_share_one_help_layout():
+    """maml (fire underneath), export and serve (argparse): the same usage line, sections and
+    `(default: X)` after an option's help."""
+    from export.__main__ import parser as export_parser
+    from serve.__main__ import parser as serve_parser
+
+    texts = {"python -m maml train": command_help("train"),
+             "python -m export": export_parser().format_help(),
+             "python -m serve": serve_parser().format_help()}
+    for prog, text in texts.items():
+        assert text.startswith(f"usage: {prog} [-h] "), text[:80]
+        assert "\noptions:\n  -h, --help            show this help message and exit\n" in text
+        assert re.search(r"\(default: [^)]+\)", text), prog
+        assert "(default: None)" not in text and "(default: False)" not in text, prog
 
 
 def test_every_option_of_export_serve_and_reproduce_has_a_help_line():

@@ -36,7 +36,7 @@ from maml.tasks import TaskBatch
 N_BACKGROUND, N_EVALUATION, DRAWINGS, SIDE = 964, 659, 20, 105
 N_CHARACTERS = N_BACKGROUND + N_EVALUATION
 SPLITS = ("maml", "background")
-REFETCH = "re-extract the archives (or fetch them with `python -m maml train --download`)"
+REFETCH = "re-extract the archives (or fetch them with `python -m maml data --download`)"
 _FILE = re.compile(r"(\d{4})_(\d{2})\.png$")
 
 
@@ -138,10 +138,13 @@ def load_raw(data_root: str | Path, download: bool = False) -> tuple[np.ndarray,
                 f"(first id {missing[0]}); {REFETCH}"
             )
         return np.stack([chars[c] for c in range(1, N_CHARACTERS + 1)]), "folders"
+    from maml.data import elsewhere, origin
+
     raise UsageError(
-        f"no Omniglot data under {root}: expected images_background.npz + images_evaluation.npz "
-        "or the images_background/ + images_evaluation/ folders; set --data-root "
-        "(or fetch them: `python -m maml train --download`)"
+        f"no Omniglot data under {root}{origin(root)}: expected images_background.npz + "
+        "images_evaluation.npz or the images_background/ + images_evaluation/ folders; set "
+        f"--data-root or MAML_DATA (or fetch them: `python -m maml data --download`)"
+        f"{elsewhere(root)}"
     )
 
 
