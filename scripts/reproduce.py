@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 from maml import checkpoint  # noqa: E402
 from maml.arguments import Parser  # noqa: E402
 from maml.config import Config  # noqa: E402
-from maml.data import ENV, default_root  # noqa: E402
 from maml.curves import plot_curves  # noqa: E402
+from maml.data import ENV, default_root  # noqa: E402
 from maml.errors import Stopped, UsageError, exit_status  # noqa: E402
 from maml.evaluate import eval_batches, evaluate, summary  # noqa: E402
 from maml.experiment import restore  # noqa: E402
