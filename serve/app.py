@@ -20,6 +20,14 @@ refuses (shapes, dtypes, labels, non-finite numbers, sizes). Bodies are read and
 rather than by FastAPI so that the size limit applies while reading and error bodies stay short;
 the OpenAPI schema still documents them. JSON parsing, validation and inference run in a thread
 pool (onnxruntime releases the GIL), so the event loop keeps accepting requests meanwhile.
+
+Security (docs/serving-security.md): with `Settings.auth_tokens`, every `/v1/` request needs
+`Authorization: Bearer TOKEN` (401 otherwise; compared in constant time); the JSON endpoints take
+only `Content-Type: application/json` (415 otherwise), so a web page on another origin cannot
+send them as a "simple" request without a CORS preflight, and no CORS permission is given unless
+`Settings.cors_origins` names the origin. Admission control bounds the memory of the inference
+work in flight (`Settings.max_inflight_bytes`, estimated per request from its size and the
+adapter's graphs): a request that does not fit while others run gets 503 with `Retry-After`.
 """
 
 from __future__ import annotations
@@ -27,8 +35,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ctypes
+import hashlib
+import hmac
 import json
+import logging
 import re
+import threading
 import warnings
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,8 +55,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match, Mount
-from starlette.types import Scope
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from maml.errors import UsageError
 from serve.adapter import Adapter, Task, TransductiveWarning, softmax, transductive_warning
@@ -53,6 +67,8 @@ from serve.task_store import TaskStore
 T = TypeVar("T")
 STATIC_DIR = Path(__file__).parent / "static"
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
+log = logging.getLogger("serve")
+SHOWN_ID = 64  # characters of an unknown task id echoed in a 404
 
 
 @dataclass(frozen=True)
@@ -64,14 +80,17 @@ class Settings:
     max_body_bytes: int = 8 * 1024 * 1024
     threads: int = 4
     static_dir: Path | None = None
+    auth_tokens: tuple[str, ...] = ()  # bearer tokens; empty: no authentication
+    cors_origins: tuple[str, ...] = ()  # origins given CORS permission; empty: none
+    max_inflight_bytes: int = 1 << 30  # estimated memory of the inference work in flight
 
 
 class ApiError(Exception):
-    """A client error: its HTTP status and one-line message."""
+    """A client error: its HTTP status and one-line message (and headers, such as Allow)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers or {}
 
 
 X_DOC = ("an array of shape (N, *input.shape), or (image adapters) a list of base64 PNG/JPEG "
@@ -110,33 +129,164 @@ class ErrorBody(BaseModel):
     error: str
 
 
-ERRORS = {status: {"model": ErrorBody} for status in (400, 404, 413, 422)}
+ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 415, 422, 503)}
 
 
-def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+def _body_doc(model: type[BaseModel], sizes: dict[str, int]) -> dict[str, Any]:
+    """The request body's schema, each array bounded as the service bounds it (`sizes`: the
+    most items of each field; at least one)."""
     schema = model.model_json_schema()
+    for name, most in sizes.items():
+        schema["properties"][name].update(minItems=1, maxItems=most)
+    schema["additionalProperties"] = False
     return {"requestBody": {"required": True,
                             "content": {"application/json": {"schema": schema}}}}
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def shown(text: str) -> str:
+    """A client-sent string as errors echo it: quoted, and cut to `SHOWN_ID` characters."""
+    return repr(text) if len(text) <= SHOWN_ID else f"{text[:SHOWN_ID]!r}... ({len(text)} chars)"
+
+
+def is_json(content_type: str) -> bool:
+    """True for `application/json`, with parameters (`; charset=utf-8`) or without."""
+    return content_type.split(";", 1)[0].strip().lower() == "application/json"
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes, and
+    with 415 unless it is declared `application/json`."""
+    content_type = request.headers.get("content-type", "")
+    if not is_json(content_type):
+        raise ApiError(415, f"the body must be sent with Content-Type: application/json, got "
+                            f"{shown(content_type) if content_type else 'none'}")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the body is {int(declared)} bytes, over the limit of {limit}; "
                             "send fewer or smaller examples")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"the body is over the limit of {limit} bytes; send fewer or "
-                                "smaller examples")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"the body is over the limit of {limit} bytes; send fewer "
+                                    "or smaller examples")
+            chunks.append(chunk)
+    except ClientDisconnect:  # no one to answer; one line in the log, not a traceback
+        log.info("client disconnected after %d bytes of the body", size)
+        raise ApiError(400, "the client disconnected before the body ended") from None
     return b"".join(chunks)
+
+
+def token_digest(token: str) -> bytes:
+    """What tokens are compared as: fixed-length digests, so the comparison's time tells
+    nothing about a token's length or content."""
+    return hashlib.sha256(token.encode()).digest()
+
+
+class Guard:
+    """ASGI middleware: bearer-token authentication of every `/v1/` request (401 otherwise).
+    Each presented token is compared with every configured one (`hmac.compare_digest` of
+    digests, no early exit), so timing reveals neither which token nor how much matched."""
+
+    def __init__(self, app: ASGIApp, tokens: tuple[str, ...]) -> None:
+        self.app, self.digests = app, [token_digest(t) for t in tokens]
+
+    def authorised(self, scope: Scope) -> bool:
+        header = b""
+        for key, value in scope.get("headers", []):
+            if key == b"authorization":
+                header = value
+        scheme, _, token = header.decode("latin-1").partition(" ")
+        presented = token_digest(token.strip() if scheme.lower() == "bearer" else "\0invalid")
+        ok = False
+        for digest in self.digests:
+            ok |= hmac.compare_digest(presented, digest)
+        return ok
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] == "http" and self.digests and scope["path"].startswith("/v1/")
+                and scope["method"] != "OPTIONS" and not self.authorised(scope)):
+            response = _error(401, "missing or wrong bearer token: send the header "
+                                   "'Authorization: Bearer TOKEN' with a token of the service's "
+                                   "--auth-token-file", {"www-authenticate": "Bearer"})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _graph_bytes_per_example(path: Path) -> int:
+    """An upper bound of the memory one more example costs in an ONNX graph: every
+    intermediate tensor with a batch dimension, all at once (0 where it cannot be read)."""
+    try:
+        import onnx
+
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    except Exception:  # no onnx package, no ONNX file (a TorchScript-only export), ...
+        return 0
+    total = 0
+    for value in [*model.graph.value_info, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if any(not d.HasField("dim_value") for d in dims):
+            n = 1
+            for d in dims:
+                n *= d.dim_value if d.HasField("dim_value") else 1
+            total += 4 * n
+    return total
+
+
+def _trim_memory() -> None:
+    """Give freed heap memory back to the system after a large request (glibc only)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class Admission:
+    """A bound on the estimated memory of the work in flight. A request is admitted when it
+    fits beside the others, or when it runs alone (so any request the limits allow can run);
+    otherwise it is refused with 503 and `Retry-After`, rather than queued."""
+
+    TRIM_AT = 64 << 20  # after a request estimated above this, malloc_trim
+
+    def __init__(self, budget: int, adapter: Adapter) -> None:
+        self.budget, self.in_flight, self.lock = budget, 0, threading.Lock()
+        shape = adapter.metadata["input"]["shape"]
+        numbers = 1
+        for n in shape:
+            numbers *= int(n)
+        files = adapter.metadata.get("files", {}).get("onnx", {})
+        graphs = {k: _graph_bytes_per_example(Path(adapter.directory) / f)
+                  for k, f in files.items()}
+        # per example: its JSON (about 20 bytes a number parsed, 12 chars sent), its float32
+        # array, and the graph's intermediate tensors (a fallback of 64x the input without them)
+        base = numbers * (20 + 4)
+        self.support = base + (graphs.get("adapt") or 64 * 4 * numbers)
+        self.query = base + (graphs.get("predict") or 64 * 4 * numbers)
+
+    def estimate(self, body_bytes: int, support: int, query: int) -> int:
+        return 8 * body_bytes + support * self.support + query * self.query
+
+    def acquire(self, size: int, held: int = 0) -> None:
+        """Reserve `size` more bytes for a request already holding `held`, or raise 503."""
+        with self.lock:
+            if self.in_flight > held and self.in_flight + size > self.budget:
+                raise ApiError(503, f"the service is busy (about {self.in_flight >> 20} MB of "
+                                    f"work in flight, this request needs {size >> 20} MB of "
+                                    f"{self.budget >> 20} MB); retry in a second, or send "
+                                    "smaller sets", {"retry-after": "1"})
+            self.in_flight += size
+
+    def release(self, size: int) -> None:
+        with self.lock:
+            self.in_flight -= size
+        if size >= self.TRIM_AT:
+            _trim_memory()
 
 
 def parse_json(data: bytes, fields: tuple[str, ...]) -> dict[str, Any]:
@@ -223,13 +373,45 @@ def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
     # the answer's `warning` field says it to the client; the log need not, once per request
     warnings.filterwarnings("ignore", category=TransductiveWarning)
     app.state.store, app.state.adapter, app.state.settings = store, adapter, settings
+    admission = app.state.admission = Admission(settings.max_inflight_bytes, adapter)
+    if settings.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
 
-    async def in_pool(fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(pool, fn)
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["authorization", "content-type"])
+    if settings.auth_tokens:
+        app.add_middleware(Guard, tokens=settings.auth_tokens)  # outermost: before CORS
+
+    def count(value: Any) -> int:
+        return len(value) if isinstance(value, list) else 0
+
+    async def in_pool(data: bytes, fields: tuple[str, ...],
+                      work: Callable[[dict[str, Any]], T]) -> T:
+        """Parse `data` (the JSON object with `fields`) and run `work` on it in the pool, both
+        admitted by their estimated memory (503 when they do not fit)."""
+        parse_cost = admission.estimate(len(data), 0, 0)
+        admission.acquire(parse_cost)
+
+        def run() -> T:
+            body = parse_json(data, fields)
+            support = count(body.get("support_x"))
+            query = count(body.get("query_x"))
+            extra = admission.estimate(0, support, query)
+            admission.acquire(extra, held=parse_cost)
+            try:
+                return work(body)
+            finally:
+                admission.release(extra)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, run)
+        finally:
+            admission.release(parse_cost)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message)
+        return _error(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(UsageError)
     async def usage_error(_: Request, exc: UsageError) -> JSONResponse:
@@ -241,7 +423,7 @@ def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+        return _error(exc.status_code, str(exc.detail), exc.headers)  # a 405's Allow
 
     @app.exception_handler(Exception)
     async def server_error(_: Request, exc: Exception) -> JSONResponse:
@@ -259,18 +441,20 @@ def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
                   "max_tasks": settings.max_tasks, "task_ttl_s": settings.task_ttl_s}
         return {"metadata": meta, "backend": adapter.backend.name, "limits": limits}
 
-    @app.post("/v1/tasks", status_code=201, openapi_extra=_body_doc(SupportBody),
+    most_support, most_query = adapter.limits.max_support, adapter.limits.max_query
+    support_doc = {"support_x": most_support, "support_y": most_support}
+
+    @app.post("/v1/tasks", status_code=201, openapi_extra=_body_doc(SupportBody, support_doc),
               responses={201: {"model": TaskCreated}, **ERRORS})
     async def create_task(request: Request) -> JSONResponse:
         """Adapt to a support set once; later predictions use the returned `task_id`."""
         data = await read_body(request, limit)
 
-        def run() -> Task:
-            body = parse_json(data, ("support_x", "support_y"))
+        def run(body: dict[str, Any]) -> Task:
             return adapter.adapt(decode_images(body["support_x"], "support_x"),
                                  body["support_y"])
 
-        task = await in_pool(run)
+        task = await in_pool(data, ("support_x", "support_y"), run)
         task_id = store.add(task)
         return JSONResponse({"task_id": task_id, "n_support": task.n_support,
                              "ttl_s": settings.task_ttl_s}, status_code=201)
@@ -278,24 +462,24 @@ def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
     def lookup(task_id: str) -> Task:
         task = store.get(task_id)
         if task is None:
-            raise ApiError(404, f"no task {task_id!r}: unknown, deleted, or evicted (idle over "
+            raise ApiError(404, f"no task {shown(task_id)}: unknown, deleted, or evicted (idle over "
                                 f"{settings.task_ttl_s:g} s, or more than {settings.max_tasks} "
                                 "tasks); POST /v1/tasks again")
         return task
 
-    @app.post("/v1/tasks/{task_id}/predict", openapi_extra=_body_doc(QueryBody),
+    @app.post("/v1/tasks/{task_id}/predict",
+              openapi_extra=_body_doc(QueryBody, {"query_x": most_query}),
               responses={200: {"model": Predictions}, **ERRORS})
     async def predict_task(task_id: str, request: Request) -> JSONResponse:
         """Predict a query set with an adapted task."""
         task = lookup(task_id)
         data = await read_body(request, limit)
 
-        def run() -> dict[str, Any]:
-            body = parse_json(data, ("query_x",))
+        def run(body: dict[str, Any]) -> dict[str, Any]:
             return prediction_body(adapter, task.predict(decode_images(body["query_x"],
                                                                        "query_x")))
 
-        return JSONResponse(await in_pool(run))
+        return JSONResponse(await in_pool(data, ("query_x",), run))
 
     @app.delete("/v1/tasks/{task_id}", status_code=204, responses={404: {"model": ErrorBody}})
     async def delete_task(task_id: str) -> Response:
@@ -304,20 +488,20 @@ def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
             lookup(task_id)  # raises the 404
         return Response(status_code=204)
 
-    @app.post("/v1/predict", openapi_extra=_body_doc(PredictBody),
+    @app.post("/v1/predict",
+              openapi_extra=_body_doc(PredictBody, {**support_doc, "query_x": most_query}),
               responses={200: {"model": Predictions}, **ERRORS})
     async def predict_stateless(request: Request) -> JSONResponse:
         """Adapt and predict in one request; nothing is stored (for replicated deployments)."""
         data = await read_body(request, limit)
 
-        def run() -> dict[str, Any]:
-            body = parse_json(data, ("support_x", "support_y", "query_x"))
+        def run(body: dict[str, Any]) -> dict[str, Any]:
             outputs = adapter.adapt_predict(
                 decode_images(body["support_x"], "support_x"), body["support_y"],
                 decode_images(body["query_x"], "query_x"))
             return prediction_body(adapter, outputs)
 
-        return JSONResponse(await in_pool(run))
+        return JSONResponse(await in_pool(data, ("support_x", "support_y", "query_x"), run))
 
     @app.get("/v1/adapter/files/{name}", responses={404: {"model": ErrorBody}})
     async def adapter_file(name: str) -> Response:
@@ -326,7 +510,7 @@ def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
         from fastapi.responses import FileResponse
 
         if name not in ("adapter.json", *meta.get("files", {}).get("onnx", {}).values()):
-            raise ApiError(404, f"no adapter file {name!r}; the service offers adapter.json and "
+            raise ApiError(404, f"no adapter file {shown(name)}; the service offers adapter.json and "
                                 "the files listed under files.onnx in it")
         return FileResponse(Path(adapter.directory) / name, headers={"cache-control": "no-cache"})
 

@@ -16,6 +16,11 @@ const PIXELS = SIZE * SIZE;
 // Pen radius of the adapter's recorded rasterisation (adapter.json preprocessing.strokes).
 let penRadius = PEN_RADIUS;
 const $ = (id) => document.getElementById(id);
+// A service started with --auth-token-file: open the page as `/#token=TOKEN` and the page sends
+// `Authorization: Bearer TOKEN` on its own requests (a fragment never reaches the server or its
+// logs; docs/serving-security.md).
+const TOKEN = /(?:^#|&)token=([^&]+)/.exec(location.hash);
+const AUTH = TOKEN ? { authorization: `Bearer ${decodeURIComponent(TOKEN[1])}` } : {};
 
 // One drawing surface: records strokes in 105x105 image space and shows the binary bitmap the
 // model will see (the canvas has 105x105 pixels, scaled up by CSS).
@@ -139,7 +144,8 @@ class BrowserBackend {
     const sessions = {};
     for (const entry of ['adapt', 'predict']) {
       const name = files[entry];
-      const response = await fetch(`v1/adapter/files/${encodeURIComponent(name)}`);
+      const response = await fetch(`v1/adapter/files/${encodeURIComponent(name)}`,
+        { headers: AUTH });
       if (!response.ok) throw new Error(`${name}: HTTP ${response.status}`);
       const bytes = new Uint8Array(await response.arrayBuffer());
       const expected = meta.sha256 && meta.sha256[name];
@@ -233,7 +239,7 @@ class ServiceBackend {
 
   async call(method, url, body) {
     const response = await fetch(url, {
-      method, headers: { 'content-type': 'application/json' },
+      method, headers: { 'content-type': 'application/json', ...AUTH },
       body: body === undefined ? undefined : JSON.stringify(body),
     });
     if (!response.ok && response.status !== 404) {
@@ -291,7 +297,7 @@ async function main() {
     return queue;
   };
 
-  const response = await fetch('v1/adapter');
+  const response = await fetch('v1/adapter', { headers: AUTH });
   if (!response.ok) throw new Error(`GET /v1/adapter: HTTP ${response.status}`);
   const meta = (await response.json()).metadata;
   state.meta = meta;

@@ -146,9 +146,11 @@ def test_bad_requests_get_4xx_with_a_json_error(image_service, omniglot):
         assert r.status_code == status, (body[:80], r.text)
         assert message in r.json()["error"], (message, r.json())
     big = b'{"query_x": [' + b"0.5, " * (MAX_BODY // 5) + b"0.5]}"
-    r = httpx.post(url, content=big, timeout=60)
+    json_type = {"content-type": "application/json"}
+    r = httpx.post(url, content=big, headers=json_type, timeout=60)
     assert r.status_code == 413 and "over the limit" in r.json()["error"]
-    r = httpx.post(url, content=(b"0.5, " * 1000 for _ in range(400)), timeout=60)  # chunked
+    r = httpx.post(url, content=(b"0.5, " * 1000 for _ in range(400)), headers=json_type,
+                   timeout=60)  # chunked
     assert r.status_code == 413 and "over the limit" in r.json()["error"]
     r = post(image_service + "/v1/tasks/unknown/predict", {"query_x": qx})
     assert r.status_code == 404 and "no task 'unknown'" in r.json()["error"]
