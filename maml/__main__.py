@@ -210,9 +210,9 @@ class CLI:
         val_every: int = 500,
         val_tasks: int = 100,
         checkpoint_every: int = 500,
+        tensorboard: str | None = None,
         resume: bool = False,
         overwrite: bool = False,
-        tensorboard: str | None = None,
         minutes: float | None = None,
         quiet: bool = False,
         dist_timeout: float = 300.0,
@@ -262,10 +262,10 @@ class CLI:
             val_every: iterations between validations on held-out tasks.
             val_tasks: tasks per validation.
             checkpoint_every: iterations between checkpoints (also at the end and on a stop).
+            tensorboard: also write the metrics as TensorBoard event files to this folder.
             resume: continue the run saved at --checkpoint; it keeps what it learns with.
             overwrite: start again over the run saved at --checkpoint (refused without it).
             minutes: stop after this many minutes of this call, with a checkpoint.
-            tensorboard: also write the metrics as TensorBoard event files to this folder.
             quiet: no progress bar.
             dist_timeout: under torchrun, seconds to wait for another process before failing.
         """
@@ -291,12 +291,12 @@ class CLI:
             compile=compile, cuda_graphs=cuda_graphs, bf16=bf16, tf32=tf32,
             dtype=dtype, checkpoint=os.path.expanduser(checkpoint), log_every=log_every,
             val_every=val_every, val_tasks=val_tasks, checkpoint_every=checkpoint_every,
+            tensorboard=tensorboard,
         )
         if not resume:  # bad settings fail here, before torchrun's ranks wait for each other
             cfg.with_defaults()
         ranks, device = distributed.start(device, dist_timeout)
         cfg = dataclasses.replace(cfg, device=device)
-            tensorboard=tensorboard,
         try:
             result = train(cfg, resume=resume, progress=not quiet, max_minutes=minutes,
                            ranks=ranks, given=self._given, overwrite=overwrite)
