@@ -74,8 +74,8 @@ class Config:
     val_every: int = 500
     val_tasks: int = 100
     checkpoint_every: int = 500
-
     tensorboard: str | None = None  # a folder for TensorBoard event files, beside the JSON lines
+
     def with_defaults(self) -> Config:
         """Fill unset settings from the MAML paper's choices for this dataset."""
         self.check_choices()
@@ -145,10 +145,10 @@ class Config:
             raise UsageError(f"--meta-lr must be > 0 and finite, got {self.meta_lr}")
         if not -(2**63) <= self.seed < 2**64:  # what torch.manual_seed takes
             raise UsageError(f"--seed must be in [-2**63, 2**64), got {self.seed}")
-        if self.learn_inner_lr and self.inner_steps < 1:
         if self.compile and self.norm == "tasknorm":
             raise UsageError("--compile does not support --norm tasknorm yet (its compiled step "
                              "is not exact); drop --compile, or use --norm support")
+        if self.learn_inner_lr and self.inner_steps < 1:
             raise UsageError("--learn-inner-lr needs --inner-steps >= 1")
 
     @property
