@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inflight-mb", type=int, default=1024,
                    help="estimated memory of the inference work in flight; a request that does "
                         "not fit beside the others gets 503 with Retry-After")
+    p.add_argument("--task-store", default="memory",
+                   help="where adapted tasks live: memory (this process) or redis://host:port/db "
+                        "(kept over restarts, shared by replicas)")
     p.add_argument("--auth-token-file", type=Path, default=None,
                    help="file of bearer tokens, one a line: /v1/ requests need "
                         "'Authorization: Bearer TOKEN' (required off loopback)")
@@ -144,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(args.max_tasks, args.task_ttl, args.max_body_bytes, args.threads,
                             args.static, auth_tokens=tokens,
                             cors_origins=tuple(args.cors_origin),
-                            max_inflight_bytes=args.max_inflight_mb << 20)
+                            max_inflight_bytes=args.max_inflight_mb << 20,
+                            task_store=args.task_store)
         app = create_app(adapter, settings)
+        if hasattr(app.state.store, "check"):
+            app.state.store.check()  # a Redis that does not answer: refuse to start
         sock = listen(args.host, args.port)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

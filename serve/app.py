@@ -60,9 +60,10 @@ from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from maml.errors import UsageError
+from serve import tensor_file
 from serve.adapter import Adapter, Task, TransductiveWarning, softmax, transductive_warning
 from serve.backends import InferenceError
-from serve.task_store import TaskStore
+from serve.task_store import RedisTaskStore, StoreUnavailable, TaskStore
 
 T = TypeVar("T")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -83,6 +84,7 @@ class Settings:
     auth_tokens: tuple[str, ...] = ()  # bearer tokens; empty: no authentication
     cors_origins: tuple[str, ...] = ()  # origins given CORS permission; empty: none
     max_inflight_bytes: int = 1 << 30  # estimated memory of the inference work in flight
+    task_store: str = "memory"  # or redis://host:port/db: tasks shared and kept over restarts
 
 
 class ApiError(Exception):
@@ -347,10 +349,45 @@ class PageMount(Mount):
         return super().matches(scope)
 
 
+def task_codec(adapter: Adapter) -> tuple[Callable[[Task], bytes], Callable[[bytes], Task]]:
+    """How a shared store holds a task: its state arrays (`p0..`, `m0..`) and support size in
+    `serve.tensor_file`'s format (arrays only, never pickle), and back."""
+    def encode(task: Task) -> bytes:
+        tensors = {f"s{i}": np.asarray(a) for i, a in enumerate(task.state)}
+        return tensor_file.encode({**tensors, "n_support": np.asarray([task.n_support],
+                                                                      dtype=np.int64)})
+
+    def decode(data: bytes) -> Task:
+        tensors = tensor_file.decode(data)
+        n_support = int(tensors.pop("n_support").reshape(-1)[0])
+        state: tuple[Any, ...] = tuple(tensors[f"s{i}"] for i in range(len(tensors)))
+        if adapter.backend.name == "torchscript":
+            import torch
+
+            state = tuple(torch.from_numpy(a) for a in state)
+        return Task(adapter, state, n_support)
+
+    return encode, decode
+
+
+def make_store(adapter: Adapter, settings: Settings) -> Any:
+    """The task store `settings.task_store` names: in this process, or in Redis."""
+    if settings.task_store == "memory":
+        return TaskStore(settings.max_tasks, settings.task_ttl_s)
+    if not settings.task_store.startswith(("redis://", "rediss://", "unix://")):
+        raise UsageError(f"--task-store {settings.task_store!r}: use memory or "
+                         "redis://host:port/db")
+    digest = hashlib.sha256(json.dumps(adapter.metadata.get("sha256", {}),
+                                       sort_keys=True).encode()).hexdigest()[:16]
+    encode, decode = task_codec(adapter)
+    return RedisTaskStore(settings.task_store, digest, encode, decode, settings.max_tasks,
+                          settings.task_ttl_s)
+
+
 def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
     """The FastAPI application serving `adapter`."""
     settings = settings or Settings()
-    store: TaskStore[Task] = TaskStore(settings.max_tasks, settings.task_ttl_s)
+    store = make_store(adapter, settings)
     pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="serve")
     limit = settings.max_body_bytes
     meta = adapter.metadata
@@ -417,6 +454,10 @@ def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
     async def usage_error(_: Request, exc: UsageError) -> JSONResponse:
         return _error(422, str(exc))
 
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
+        return _error(503, str(exc), {"retry-after": "1"})
+
     @app.exception_handler(InferenceError)
     async def inference_error(_: Request, exc: InferenceError) -> JSONResponse:
         return _error(500, f"inference failed: {exc}")
@@ -432,7 +473,11 @@ def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         """Liveness: the service is up and its adapter loaded."""
-        return {"status": "ok", "tasks": len(store), "backend": adapter.backend.name}
+        try:
+            tasks: int | None = await asyncio.to_thread(len, store)
+        except StoreUnavailable:
+            tasks = None  # the service lives; the task store is what fails
+        return {"status": "ok", "tasks": tasks, "backend": adapter.backend.name}
 
     @app.get("/v1/adapter")
     async def adapter_metadata() -> dict[str, Any]:
@@ -455,12 +500,12 @@ def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
                                  body["support_y"])
 
         task = await in_pool(data, ("support_x", "support_y"), run)
-        task_id = store.add(task)
+        task_id = await asyncio.to_thread(store.add, task)
         return JSONResponse({"task_id": task_id, "n_support": task.n_support,
                              "ttl_s": settings.task_ttl_s}, status_code=201)
 
-    def lookup(task_id: str) -> Task:
-        task = store.get(task_id)
+    async def lookup(task_id: str) -> Task:
+        task = await asyncio.to_thread(store.get, task_id)
         if task is None:
             raise ApiError(404, f"no task {shown(task_id)}: unknown, deleted, or evicted (idle over "
                                 f"{settings.task_ttl_s:g} s, or more than {settings.max_tasks} "
@@ -472,7 +517,7 @@ def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
               responses={200: {"model": Predictions}, **ERRORS})
     async def predict_task(task_id: str, request: Request) -> JSONResponse:
         """Predict a query set with an adapted task."""
-        task = lookup(task_id)
+        task = await lookup(task_id)
         data = await read_body(request, limit)
 
         def run(body: dict[str, Any]) -> dict[str, Any]:
@@ -484,8 +529,8 @@ def create_app(adapter: Adapter, settings: Settings | None = None) -> FastAPI:
     @app.delete("/v1/tasks/{task_id}", status_code=204, responses={404: {"model": ErrorBody}})
     async def delete_task(task_id: str) -> Response:
         """Forget an adapted task."""
-        if not store.delete(task_id):
-            lookup(task_id)  # raises the 404
+        if not await asyncio.to_thread(store.delete, task_id):
+            await lookup(task_id)  # raises the 404
         return Response(status_code=204)
 
     @app.post("/v1/predict",
