@@ -272,7 +272,7 @@ class CLI:
         from maml import distributed
         from maml.config import Config
         from maml.data import default_root
-        from maml.train import train
+        from maml.training import train
 
         if minutes is not None and not 0 < minutes < float("inf"):
             raise UsageError(f"--minutes must be > 0 and finite, got {minutes}")
@@ -360,9 +360,9 @@ class CLI:
 
         from maml import checkpoint as ckpt
         from maml import distributed
-        from maml.evaluate import evaluate
+        from maml.evaluation import evaluate
         from maml.experiment import restore
-        from maml.train import select_engine
+        from maml.training import select_engine
 
         if tasks < 1 or batch_size < 1:
             name, value = ("tasks", tasks) if tasks < 1 else ("batch-size", batch_size)
@@ -419,7 +419,7 @@ class CLI:
             out: the .png (or .pdf, .svg) to write (default: <checkpoint>.curves.png beside it).
         """
         from maml.curves import plot_curves
-        from maml.train import paths
+        from maml.training import paths
 
         runs = [Path(c.strip()).expanduser() for c in checkpoint.split(",") if c.strip()]
         if not runs:

@@ -38,9 +38,9 @@ from maml.config import Config  # noqa: E402
 from maml.curves import plot_curves  # noqa: E402
 from maml.data import ENV, default_root  # noqa: E402
 from maml.errors import Stopped, UsageError, exit_status  # noqa: E402
-from maml.evaluate import eval_batches, evaluate, summary  # noqa: E402
+from maml.evaluation import eval_batches, evaluate, summary  # noqa: E402
 from maml.experiment import restore  # noqa: E402
-from maml.train import paths, select_engine, train  # noqa: E402
+from maml.training import paths, select_engine, train  # noqa: E402
 
 EVAL_SEED, EVAL_TASKS = 1234, 600
 

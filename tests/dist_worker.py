@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-import maml.train
+import maml.training
 from maml import higher_engine
 from maml.__main__ import main
 
@@ -23,7 +23,7 @@ ready, fault, argv = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 mode, _, at = fault.partition(":")
 injected = {"n": 0}
 if int(os.environ["RANK"]) > 0 and mode == "perturb":
-    real_build = maml.train.build
+    real_build = maml.training.build
 
     def perturbed(*args, **kwargs):
         injected["n"] += 1
@@ -33,7 +33,7 @@ if int(os.environ["RANK"]) > 0 and mode == "perturb":
                 p.add_(torch.randn_like(p))
         return exp
 
-    maml.train.build = perturbed
+    maml.training.build = perturbed
 elif int(os.environ["RANK"]) > 0 and mode in ("stall", "die"):
     calls = {"n": 0}
     real_meta_gradient = higher_engine.meta_gradient
@@ -53,5 +53,5 @@ while len(list(ready.iterdir())) < int(os.environ["WORLD_SIZE"]):
     time.sleep(0.05)
 code = main(argv)
 if int(os.environ["RANK"]) > 0 and mode == "perturb" and not injected["n"]:
-    sys.exit("dist_worker: the perturbation was never applied (did maml.train stop using build?)")
+    sys.exit("dist_worker: the perturbation was never applied (did maml.training stop using build?)")
 sys.exit(code)

@@ -449,7 +449,7 @@ def test_weights_higher_ignores_are_named_and_auto_trains_the_batched_engine():
 def test_engine_notices_come_from_rank_zero_alone(capsys):
     """Every rank makes the same engine decision; one line says so, not one per rank."""
     from maml.distributed import Ranks
-    from maml.train import select_engine
+    from maml.training import select_engine
 
     torch.manual_seed(0)
     model = omniglot_cnn(n_way=2, hidden=4)

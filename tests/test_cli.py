@@ -360,7 +360,7 @@ def test_ctrl_c_outside_training_is_one_line_and_status_130(capsys, sinusoid_ckp
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("maml.evaluate.evaluate", interrupted)
+    monkeypatch.setattr("maml.evaluation.evaluate", interrupted)
     assert main(["eval", "--checkpoint", str(sinusoid_ckpt), "--quiet"]) == 130
     assert capsys.readouterr().err.strip() == "stopped: interrupted (Ctrl-C)"
 

@@ -22,7 +22,7 @@ from maml.__main__ import main
 from maml.config import Config
 from maml.distributed import Ranks
 from maml.errors import UsageError
-from maml.train import paths, train
+from maml.training import paths, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # 5 tasks over 2 ranks: unequal shares (3 + 2), so the gradient weighting is exercised

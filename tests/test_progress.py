@@ -10,7 +10,7 @@ import maml.progress
 from maml.config import Config
 from maml.errors import UsageError
 from maml.progress import Progress
-from maml.train import paths, train
+from maml.training import paths, train
 
 
 class Terminal(io.StringIO):

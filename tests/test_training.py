@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import maml.train
+import maml.training
 from maml import checkpoint
 from maml.__main__ import main
 from maml.adaptation import InnerLoop
 from maml.config import Config
 from maml.errors import Stopped, UsageError
-from maml.evaluate import evaluate
+from maml.evaluation import evaluate
 from maml.experiment import build, restore
-from maml.train import TrainingDiverged, paths, stop_requests, train
+from maml.training import TrainingDiverged, paths, stop_requests, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -258,11 +258,11 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_
 
 
 def test_a_non_finite_validation_score_is_never_the_best():
-    assert not maml.train._better("mse", float("nan"), None)
-    assert not maml.train._better("accuracy", float("inf"), 0.5)
-    assert maml.train._better("mse", 3.0, float("nan"))
-    assert maml.train._better("accuracy", 0.2, float("nan"))
-    assert maml.train._better("mse", 0.1, 0.2) and not maml.train._better("accuracy", 0.1, 0.2)
+    assert not maml.training._better("mse", float("nan"), None)
+    assert not maml.training._better("accuracy", float("inf"), 0.5)
+    assert maml.training._better("mse", 3.0, float("nan"))
+    assert maml.training._better("accuracy", 0.2, float("nan"))
+    assert maml.training._better("mse", 0.1, 0.2) and not maml.training._better("accuracy", 0.1, 0.2)
 
 
 def test_evaluation_tasks_do_not_depend_on_the_batch_size():
@@ -352,7 +352,7 @@ def test_a_signal_mid_run_stops_after_the_iteration_with_a_checkpoint(tmp_path, 
     writes it (the periodic checkpoint is every 10), and resuming gives the straight run."""
     straight = sinusoid_config(tmp_path / "a", iterations=12)
     train(straight, progress=False)
-    real_select, calls = maml.train.select_engine, []
+    real_select, calls = maml.training.select_engine, []
 
     def signalling_engine(name, cfg=None, *rest):
         engine = real_select(name, cfg, *rest)
@@ -367,7 +367,7 @@ def test_a_signal_mid_run_stops_after_the_iteration_with_a_checkpoint(tmp_path, 
         monkeypatch.setattr(engine, "meta_gradient", meta_gradient)
         return engine
 
-    monkeypatch.setattr(maml.train, "select_engine", signalling_engine)
+    monkeypatch.setattr(maml.training, "select_engine", signalling_engine)
     stopped = sinusoid_config(tmp_path / "b", iterations=12)
     before = signal.getsignal(signum)
     with pytest.raises(Stopped, match=f"{signum.name} after iteration 7 of 12") as caught:
@@ -375,7 +375,7 @@ def test_a_signal_mid_run_stops_after_the_iteration_with_a_checkpoint(tmp_path, 
     assert caught.value.status == 128 + signum
     assert signal.getsignal(signum) is before, "the handlers are put back"
     assert torch.load(stopped.checkpoint, weights_only=True)["iteration"] == 7
-    monkeypatch.setattr(maml.train, "select_engine", real_select)
+    monkeypatch.setattr(maml.training, "select_engine", real_select)
     train(stopped, resume=True, progress=False)
     _, a = weights(straight.checkpoint)
     _, b = weights(stopped.checkpoint)

@@ -1,7 +1,7 @@
 """Few-shot regression tasks: sinusoids (Finn et al. 2017) and harmonics (Lacoste et al. 2018).
 
 Regression tasks have no class split: every task is a fresh draw of the function's parameters.
-Meta-training and meta-testing use separate generators (see `maml.train`), so no test task is
+Meta-training and meta-testing use separate generators (see `maml.training`), so no test task is
 reused from training in practice.
 """
 

@@ -43,7 +43,7 @@ from maml import checkpoint, distributed
 from maml.config import Config, resumed
 from maml.distributed import SINGLE, Ranks
 from maml.errors import Stopped, UsageError
-from maml.evaluate import evaluate
+from maml.evaluation import evaluate
 from maml.experiment import Experiment, build, restore
 from maml.norms import has_batch_norm
 from maml.progress import Progress
