@@ -64,8 +64,10 @@ def facts(
     """What the adapter computes and expects, known before any file is written."""
     cfg, source = exp.cfg, exp.source
     classification = cfg.loss == "cross_entropy"
-    preprocessing = None
-    if len(source.input_shape) == 3:  # images: how a raw picture becomes a model input
+    preprocessing = getattr(source, "preprocessing", None)  # a folder's: maml.images pixels
+    if preprocessing is not None:
+        preprocessing = dict(preprocessing)
+    elif cfg.dataset == "omniglot" and len(source.input_shape) == 3:  # ink images
         from maml.images import PREPROCESSING
 
         preprocessing = dict(PREPROCESSING)

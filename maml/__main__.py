@@ -44,6 +44,9 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         return value
     if str in options and plain and isinstance(value, int | float):
         return str(value)  # fire reads `--checkpoint 2024` as a number
+    if str in options and isinstance(value, list | tuple) and all(
+            isinstance(v, str | int | float) and not isinstance(v, bool) for v in value):
+        return ",".join(str(v) for v in value)  # fire reads `--split 0.6,0.2,0.2` as a tuple
     flag = "--" + name.replace("_", "-")
     if value is True:
         raise UsageError(f"{flag} needs a value")
@@ -195,6 +198,12 @@ class CLI:
         download: bool = False,
         split: str = "maml",
         val_chars: int = 50,
+        image_size: int | None = None,
+        channels: int | None = None,
+        invert: bool = False,
+        normalize: bool = False,
+        augment: str | None = None,
+        dataset_kwargs: Any = None,
         seed: int = 0,
         device: str = "cpu",
         engine: str = "auto",
@@ -223,7 +232,8 @@ class CLI:
         So does Ctrl-C (or SIGTERM), after the iteration under way; Ctrl-C twice stops at once.
 
         Args:
-            dataset: sinusoid, harmonic or omniglot.
+            dataset: sinusoid, harmonic, omniglot, folder (your images: --data-root DIR of class
+                folders, docs/your-own-data.md) or package.module:factory (your task source).
             n_way: classes per task (Omniglot; default 5; 20 switches to the 20-way settings).
             k_shot: support examples per class (Omniglot; 1) or per task (regression; 10).
             q_query: query examples per class (Omniglot; 15) or per task (regression; 10).
@@ -245,8 +255,17 @@ class CLI:
             data_root: the Omniglot folder: npz files or the upstream folders (default
                 $MAML_DATA/omniglot, else ~/.cache/maml-toolkit/omniglot; see `data`).
             download: let torchvision download Omniglot into --data-root (needs internet).
-            split: maml (1200 / 423 pooled characters) or background (Lake's alphabet split).
+            split: maml (1200 / 423 pooled characters) or background (Lake's alphabet split);
+                folder: fractions TRAIN,VAL,TEST of the classes (groups in a two-level tree;
+                default 0.6,0.2,0.2) or a split file (.json or .txt).
             val_chars: meta-training characters held out for validation.
+            image_size: folder: side of the square model input, in pixels (default 28).
+            channels: folder: 1 (grayscale, default) or 3 (RGB).
+            invert: folder: v -> 1 - v, so dark ink on light paper is ink = 1 (as Omniglot).
+            normalize: folder: normalise each channel by the training images' mean and std.
+            augment: folder: rot90 (rotations by 90 degrees as new classes) and/or flip
+                (random horizontal flips), comma-separated; meta-training tasks only.
+            dataset_kwargs: JSON object of arguments for a package.module:factory task source.
             seed: seeds the weights, the character split and the task stream.
             device: cpu, cuda or cuda:N.
             engine: auto (fastest for the device), higher (the reference loop) or batched.
@@ -278,6 +297,11 @@ class CLI:
             raise UsageError(f"--minutes must be > 0 and finite, got {minutes}")
         if resume and overwrite:
             raise UsageError("--resume and --overwrite contradict each other; give one")
+        if dataset == "folder" and data_root is None and not resume:
+            raise UsageError("--dataset folder needs --data-root DIR: a folder of class folders "
+                             "(DIR/<class>/*.png), see docs/your-own-data.md")
+        if dataset == "folder" and not resume and os.path.isfile(os.path.expanduser(str(split))):
+            split = os.path.abspath(os.path.expanduser(str(split)))
         cfg = Config(
             dataset=dataset, n_way=n_way, k_shot=k_shot, q_query=q_query,
             inner_steps=inner_steps, inner_lr=inner_lr, eval_inner_steps=eval_inner_steps,
@@ -286,7 +310,9 @@ class CLI:
             model=model, model_kwargs=_kwargs(model_kwargs),
             data_root=str(default_root()) if data_root is None  # absolute: eval runs anywhere
             else os.path.abspath(os.path.expanduser(data_root)),
-            download=download, split=split, val_chars=val_chars, seed=seed, device=device,
+            download=download, split=split, val_chars=val_chars, image_size=image_size,
+            channels=channels, invert=invert, normalize=normalize, augment=augment,
+            dataset_kwargs=_kwargs(dataset_kwargs), seed=seed, device=device,
             engine=engine, task_chunk=task_chunk, memory_budget_mb=memory_budget_mb,
             compile=compile, cuda_graphs=cuda_graphs, bf16=bf16, tf32=tf32,
             dtype=dtype, checkpoint=os.path.expanduser(checkpoint), log_every=log_every,

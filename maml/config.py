@@ -18,9 +18,11 @@ from maml.errors import UsageError
 from maml.norms import NORM_MODES
 
 DEFAULT_NORM = "support"
+DEFAULT_FOLDER_SPLIT = "0.6,0.2,0.2"
 """New runs' normalisation mode (README, "Normalisation modes": measured against transductive)."""
 
-DATASETS = ("sinusoid", "harmonic", "omniglot")
+DATASETS = ("sinusoid", "harmonic", "omniglot", "folder")
+"""Built-in task sources; `--dataset package.module:factory` names your own (`maml.experiment`)."""
 ENGINES = ("auto", "higher", "batched")
 RESUMABLE = (
     "iterations", "device", "engine", "task_chunk", "memory_budget_mb", "compile", "cuda_graphs",
@@ -57,6 +59,14 @@ class Config:
     download: bool = False
     split: str = "maml"
     val_chars: int = 50
+    # folder datasets (maml.tasks.folder) and your own task sources
+    image_size: int | None = None  # folder: side of the square model input (default 28)
+    channels: int | None = None  # folder: 1 (grayscale) or 3 (RGB) (default 1)
+    invert: bool = False  # folder: v -> 1 - v (dark ink on light paper becomes ink = 1)
+    normalize: bool = False  # folder: per-channel mean / std of the training images
+    augment: str | None = None  # folder: "rot90" (rotations as new classes), "flip"; comma list
+    dataset_kwargs: dict[str, Any] = field(default_factory=dict)  # package.module:factory's
+    task_loss: str | None = None  # a custom source's loss (set from the source when built)
     # run
     seed: int = 0
     device: str = "cpu"
@@ -79,7 +89,8 @@ class Config:
     def with_defaults(self) -> Config:
         """Fill unset settings from the MAML paper's choices for this dataset."""
         self.check_choices()
-        if self.dataset == "omniglot":
+        custom = self.dataset not in DATASETS
+        if self.dataset == "folder" or (custom and self.n_way is not None):
             twenty = (self.n_way or 5) >= 20
             defaults = dict(
                 n_way=5, k_shot=1, q_query=15, inner_steps=5 if twenty else 1,
@@ -87,7 +98,20 @@ class Config:
                 meta_batch_size=16 if twenty else 32, iterations=60000, model="cnn",
                 norm=DEFAULT_NORM,
             )
-        else:  # sinusoid and harmonic: the paper's regression set-up
+            if self.dataset == "folder":
+                defaults.update(image_size=28, channels=1, meta_batch_size=16 if twenty else 8,
+                                iterations=10000)
+                if self.split == "maml":  # Config's default split is Omniglot's
+                    self = dataclasses.replace(self, split=DEFAULT_FOLDER_SPLIT)
+        elif self.dataset == "omniglot":
+            twenty = (self.n_way or 5) >= 20
+            defaults = dict(
+                n_way=5, k_shot=1, q_query=15, inner_steps=5 if twenty else 1,
+                inner_lr=0.1 if twenty else 0.4, eval_inner_steps=5 if twenty else 3,
+                meta_batch_size=16 if twenty else 32, iterations=60000, model="cnn",
+                norm=DEFAULT_NORM,
+            )
+        else:  # sinusoid and harmonic (and your own regression source): the paper's set-up
             if self.n_way is not None:
                 raise UsageError(f"--n-way is for Omniglot; {self.dataset} tasks have no classes "
                                  "(--k-shot sets the support points)")
@@ -104,8 +128,20 @@ class Config:
 
     def check_choices(self) -> None:
         """Refuse a dataset, engine or dtype this project does not have."""
-        if self.dataset not in DATASETS:
-            raise UsageError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if self.dataset not in DATASETS and ":" not in str(self.dataset):
+            raise UsageError(f"unknown dataset {self.dataset!r}; choose one of "
+                             f"{', '.join(DATASETS)}, or name your own task source as "
+                             "package.module:factory")
+        if self.channels is not None and self.channels not in (1, 3):
+            raise UsageError(f"--channels must be 1 (grayscale) or 3 (RGB), got {self.channels}")
+        if self.image_size is not None and not 1 <= self.image_size <= 4096:
+            raise UsageError(f"--image-size must be in [1, 4096], got {self.image_size}")
+        if self.dataset == "folder":
+            from maml.tasks.folder import parse_augment
+
+            parse_augment(self.augment)
+        if not isinstance(self.dataset_kwargs, dict):
+            raise UsageError("dataset_kwargs must be a dict (--dataset-kwargs '{\"name\": 1}')")
         if self.engine not in ENGINES:
             raise UsageError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
         if self.norm is not None and self.norm not in NORM_MODES:
@@ -153,7 +189,9 @@ class Config:
 
     @property
     def loss(self) -> str:
-        return "cross_entropy" if self.dataset == "omniglot" else "mse"
+        if self.task_loss is not None:
+            return self.task_loss
+        return "cross_entropy" if self.dataset in ("omniglot", "folder") else "mse"
 
     def inner_loop(self, steps: int | None = None) -> InnerLoop:
         """The adaptation this run trains with (or evaluates with, given `steps`)."""

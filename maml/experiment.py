@@ -61,6 +61,12 @@ def make_source(cfg: Config, split: dict[str, torch.Tensor] | None = None):
         return Sinusoid(cfg.k_shot, cfg.q_query, cfg.device), None
     if cfg.dataset == "harmonic":
         return Harmonic(cfg.k_shot, cfg.q_query, cfg.device), None
+    if cfg.dataset == "folder":
+        from maml.tasks.folder import folder_source
+
+        return folder_source(cfg, split)
+    if ":" in cfg.dataset:
+        return custom_source(cfg), None
     from maml.tasks.omniglot import Omniglot, check_task_shape, make_split
 
     if split is None:
@@ -69,6 +75,56 @@ def make_source(cfg: Config, split: dict[str, torch.Tensor] | None = None):
     images = omniglot_images(cfg.data_root, cfg.download)
     source = Omniglot(images, split, cfg.n_way, cfg.k_shot, cfg.q_query, cfg.device, cfg.split)
     return source, split
+
+
+SOURCE_ARGUMENTS = ("n_way", "k_shot", "q_query", "device", "seed", "data_root")
+"""What a `package.module:factory` task source is given, of the arguments its signature names."""
+
+
+def custom_source(cfg: Config):
+    """Your own task source, `--dataset package.module:factory`: the factory is called with
+    those of `SOURCE_ARGUMENTS` it takes, plus `cfg.dataset_kwargs`; what it returns must
+    implement the interface of `maml.tasks` (see docs/your-own-data.md)."""
+    import inspect
+
+    from maml.adaptation import LOSSES
+    from maml.models import import_factory
+
+    factory = import_factory(cfg.dataset, "dataset")
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    given = {name: getattr(cfg, name) for name in SOURCE_ARGUMENTS
+             if name in params and name not in cfg.dataset_kwargs}
+    try:
+        source = factory(**given, **cfg.dataset_kwargs)
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"task source {cfg.dataset!r} raised {type(exc).__name__}: {exc}") from None
+    missing = [a for a in ("kind", "loss", "input_shape", "output_shape", "sample", "describe")
+               if not hasattr(source, a)]
+    if missing:
+        raise UsageError(f"task source {cfg.dataset!r} returned a {type(source).__name__} without "
+                         f"{', '.join(missing)}; implement the interface of maml.tasks (see "
+                         "docs/your-own-data.md)")
+    if source.kind not in ("classification", "regression") or source.loss not in LOSSES:
+        raise UsageError(f"task source {cfg.dataset!r}: kind must be classification or regression "
+                         f"and loss one of {', '.join(LOSSES)}; got {source.kind!r}, {source.loss!r}")
+    if source.kind == "classification" and cfg.n_way is None:
+        raise UsageError(f"task source {cfg.dataset!r} samples classification tasks: give --n-way")
+    cfg.task_loss = source.loss
+    return source
+
+
+def validation_split(source) -> str:
+    """The split validation draws its tasks from: the source's `validation_split` if it names
+    one, else held-out classes (`val`) for classification, fresh tasks (`test`) for regression."""
+    chosen = getattr(source, "validation_split", None)
+    if chosen:
+        return chosen
+    return "val" if source.kind == "classification" else "test"
 
 
 def check_device(device: str) -> torch.device:
@@ -89,7 +145,8 @@ def build(cfg: Config, split: dict[str, torch.Tensor] | None = None,
     source, split = make_source(cfg, split)
     spec = resolve_spec(cfg.model)
     n_way = cfg.n_way if source.kind == "classification" else None
-    kwargs = model_kwargs(spec, cfg.model_kwargs if kwargs is None else kwargs, n_way)
+    kwargs = model_kwargs(spec, cfg.model_kwargs if kwargs is None else kwargs, n_way,
+                          tuple(source.input_shape))
     torch.manual_seed(cfg.seed)
     example = torch.zeros(2, *source.input_shape, dtype=DTYPES[cfg.dtype])
     model = build_model(spec, kwargs, example, source.output_shape).to(cfg.device)

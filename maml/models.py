@@ -51,13 +51,17 @@ def omniglot_cnn(n_way: int = 5, in_channels: int = 1, hidden: int = 64, blocks:
 def maxpool_cnn(
     n_way: int = 5, in_channels: int = 1, hidden: int = 64, blocks: int = 4, image_size: int = 28
 ):
-    """The max-pool variant (MAML's MiniImagenet style): [3x3 conv, BN, ReLU, 2x2 max-pool] x 4."""
+    """The max-pool variant (MAML's MiniImagenet style): [3x3 conv, BN, ReLU, 2x2 max-pool] x 4.
+
+    The paper's mini-ImageNet network is `hidden=32` on 84x84 RGB: `--model maxpool
+    --model-kwargs '{"hidden": 32}' --image-size 84 --channels 3`."""
     layers: list[nn.Module] = []
     side = image_size
     for i in range(blocks):
         layers += _conv_block(in_channels if i == 0 else hidden, hidden, padding=1)
-        layers.append(nn.MaxPool2d(2))
-        side //= 2
+        if side >= 2:  # small images (8x8 digits) stop pooling at 1x1
+            layers.append(nn.MaxPool2d(2))
+            side //= 2
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(hidden * side * side, n_way))
 
 
@@ -100,26 +104,46 @@ def _factory(spec: str):
         raise UsageError(
             f"model {spec!r} is neither a built-in ({', '.join(ALIASES)}) nor 'package.module:factory'"
         )
+    return import_factory(full, "model", spec)
+
+
+def import_factory(full: str, what: str = "model", spec: str | None = None):
+    """The callable that `package.module:factory` names (`what`: "model" or "dataset")."""
+    spec = full if spec is None else spec
+    module_name, sep, attr = full.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"{what} {spec!r} is not 'package.module:factory'")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any import failure is the user's spec, not our bug
         hint = ""
         if isinstance(exc, ModuleNotFoundError) and module_name.startswith(str(exc.name)):
             hint = ("; run from the folder that holds it, or add that folder to PYTHONPATH")
-        raise UsageError(f"model spec {spec!r}: cannot import {module_name!r} ({exc}){hint}") from None
+        raise UsageError(f"{what} spec {spec!r}: cannot import {module_name!r} ({exc}){hint}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise UsageError(f"model spec {spec!r}: {module_name!r} has no callable {attr!r}")
+        raise UsageError(f"{what} spec {spec!r}: {module_name!r} has no callable {attr!r}")
     return factory
 
 
-def model_kwargs(spec: str, kwargs: dict[str, Any], n_way: int | None) -> dict[str, Any]:
-    """The keyword arguments to store: the user's, plus `n_way` when the factory takes it."""
+def model_kwargs(spec: str, kwargs: dict[str, Any], n_way: int | None,
+                 input_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """The keyword arguments to store: the user's, plus what the factory takes of the task's
+    shape: `n_way`, and for images `(C, H, W)` `in_channels` and `image_size` (so `cnn`,
+    `maxpool` and `convnet` fit any folder of images without code)."""
     kwargs = dict(kwargs)
-    if n_way is not None and "n_way" not in kwargs:
+    shape: dict[str, Any] = {"n_way": n_way}
+    if input_shape is not None and len(input_shape) == 3:
+        shape.update(in_channels=int(input_shape[0]), image_size=int(input_shape[-1]))
+        if (input_shape[0], input_shape[-1]) == (1, 28):
+            shape = {"n_way": n_way}  # Omniglot's: the factories' defaults, as runs stored them
+    try:
         params = inspect.signature(_factory(spec)).parameters
-        if "n_way" in params:
-            kwargs["n_way"] = n_way
+    except (TypeError, ValueError):
+        params = {}
+    for name, value in shape.items():
+        if value is not None and name not in kwargs and name in params:
+            kwargs[name] = value
     return kwargs
 
 

@@ -44,7 +44,7 @@ from maml.config import Config, resumed
 from maml.distributed import SINGLE, Ranks
 from maml.errors import Stopped, UsageError
 from maml.evaluation import evaluate
-from maml.experiment import Experiment, build, restore
+from maml.experiment import Experiment, build, restore, validation_split
 from maml.norms import has_batch_norm
 from maml.progress import Progress
 
@@ -115,7 +115,7 @@ def _tensorboard(folder: str):
 
 def _validate(exp: Experiment, engine, ranks: Ranks = SINGLE) -> dict[str, Any]:
     cfg = exp.cfg
-    split = "val" if cfg.dataset == "omniglot" else "test"
+    split = validation_split(exp.source)
     gen = torch.Generator().manual_seed(VAL_SEED)
     with torch.random.fork_rng(devices=[]):  # validation must not shift training's randomness
         return evaluate(exp.model, exp.inner_lrs, exp.source, cfg.inner_loop(cfg.eval_inner_steps),

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from maml.errors import UsageError
-from maml.images import preprocess_grayscale
+from maml.images import SCHEME, decode_rgb, preprocess_grayscale, preprocess_pixels
 
 MAX_PIXELS = 4096 * 4096
 MAX_SIDE = 16384  # longest side: the resize weights are (28, side) float64
@@ -61,6 +61,12 @@ def check_preprocessing(preprocessing: dict[str, Any] | None, input_shape: Seque
     if preprocessing is None:
         raise UsageError("this adapter takes arrays, not images (its adapter.json has no "
                          "preprocessing); send numbers")
+    if preprocessing.get("scheme") == SCHEME:  # a folder of images: any size and colour
+        size, channels = int(preprocessing.get("size", 0)), int(preprocessing.get("channels", 0))
+        if tuple(input_shape) != (channels, size, size):
+            raise UsageError(f"images make ({channels}, {size}, {size}) inputs but the adapter "
+                             f"takes {tuple(input_shape)}; send arrays")
+        return
     if preprocessing.get("color") != "grayscale" or preprocessing.get("resize") != "box":
         raise UsageError(f"unsupported image preprocessing {preprocessing}; this runtime knows "
                          "grayscale with a box resize")
@@ -203,6 +209,8 @@ def images_to_inputs(
     (`name`, such as "query_x", names the set in errors)."""
     check_preprocessing(preprocessing, input_shape)
     assert preprocessing is not None
+    if preprocessing.get("scheme") == SCHEME:
+        return pixel_inputs(sources, preprocessing, name)
     size = int(preprocessing["size"])
     ink, paper = float(preprocessing.get("ink", 1.0)), float(preprocessing.get("background", 0.0))
     images = read_images(sources, name)
@@ -212,4 +220,23 @@ def images_to_inputs(
     for i, data in enumerate(images):
         darkness = padded_ink(grayscale_pixels(data, names[i]), size)  # 1 where the ink is
         out[i, 0] = paper + (ink - paper) * darkness
+    return out
+
+
+def pixel_inputs(sources: Sequence[ImageSource], preprocessing: dict[str, Any],
+                 name: str = "") -> np.ndarray:
+    """Images to float32 `(N, channels, size, size)` inputs with `maml.images`' pixel
+    preprocessing: the very functions training decoded its folder with (no padding to a square,
+    no ink check: photos of any colour are fine)."""
+    images = read_images(sources, name)
+    names = labels(name, len(images))
+    check_pixel_budget(images, names)  # from the headers, before any image is decoded
+    size, channels = int(preprocessing["size"]), int(preprocessing["channels"])
+    out = np.empty((len(images), channels, size, size), dtype=np.float32)
+    for i, data in enumerate(images):
+        try:
+            rgb = decode_rgb(data, FORMATS)
+        except Exception as exc:  # Pillow raises many types on bad data
+            raise _unreadable(exc, names[i]) from None
+        out[i] = preprocess_pixels(rgb, preprocessing)
     return out
