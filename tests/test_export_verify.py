@@ -29,7 +29,7 @@ def check(setup, monkeypatch, offset: float, noise: Noise | None = None) -> dict
     def run(sx, sy, qx):  # the task is found again by its support inputs
         task = next(t for t in tasks if np.array_equal(t.support_x[0].numpy(), sx))
         ref = reference(exp, None, inner, task)
-        return [ref + offset, ref + offset]
+        return [ref + offset, ref + offset, ref + offset]  # together, predict(adapt), alone
 
     monkeypatch.setattr(verify_module, "runners", lambda folder, files: {"onnx": run})
     if noise is not None:
@@ -92,7 +92,7 @@ def classify(monkeypatch, setup, exported: np.ndarray, predictions: np.ndarray |
     inner = dataclasses.replace(setup[1], loss="cross_entropy")
     monkeypatch.setattr(verify_module, "reference", lambda *args: REF)
     monkeypatch.setattr(verify_module, "runners",
-                        lambda folder, files: {"onnx": lambda *a: [exported, exported]})
+                        lambda folder, files: {"onnx": lambda *a: [exported] * 3})
     noise = Noise(noise_scale, 0.0, predictions)
     monkeypatch.setattr(verify_module, "task_noise", lambda *args: noise)
     return verify(exp, None, inner, folder=None, files={}, tasks=tasks[:1])
@@ -128,7 +128,7 @@ def test_the_bound_is_relative_for_outputs_beyond_one(setup, monkeypatch):
         def run(sx, sy, qx):
             task = next(t for t in tasks if np.array_equal(t.support_x[0].numpy(), sx))
             out = verify_module.reference(exp, None, inner, task) + offset
-            return [out, out]
+            return [out, out, out]
         monkeypatch.setattr(verify_module, "runners", lambda folder, files: {"onnx": run})
         monkeypatch.setattr(verify_module, "task_noise", lambda *args: quiet)
         return verify(exp, None, inner, folder=None, files={}, tasks=tasks)
