@@ -8,7 +8,6 @@ labels in `[0, n_way)` (see `serve.validation`: `check_support`, `check_query`).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 
 from export.onnx_format import OPSET
 from export.trace import Routine, learned_step_sizes
+from maml.data import sha256
 from maml.experiment import Experiment
 
 FORMAT = "maml-toolkit/adapter-v1"
@@ -39,14 +39,6 @@ BATCH_NORM = {
 def file_names(formats: tuple[str, ...]) -> dict[str, dict[str, str]]:
     entries = ("adapt", "predict", "adapt_predict")
     return {fmt: {entry: f"{entry}.{SUFFIX[fmt]}" for entry in entries} for fmt in formats}
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _maml_version() -> str:

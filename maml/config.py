@@ -90,8 +90,8 @@ class Config:
         """Fill unset settings from the MAML paper's choices for this dataset."""
         self.check_choices()
         custom = self.dataset not in DATASETS
-        if self.dataset == "folder" or (custom and self.n_way is not None):
-            twenty = (self.n_way or 5) >= 20
+        if self.dataset in ("omniglot", "folder") or (custom and self.n_way is not None):
+            twenty = (self.n_way or 5) >= 20  # classification: the paper's Omniglot settings
             defaults = dict(
                 n_way=5, k_shot=1, q_query=15, inner_steps=5 if twenty else 1,
                 inner_lr=0.1 if twenty else 0.4, eval_inner_steps=5 if twenty else 3,
@@ -103,14 +103,6 @@ class Config:
                                 iterations=10000)
                 if self.split == "maml":  # Config's default split is Omniglot's
                     self = dataclasses.replace(self, split=DEFAULT_FOLDER_SPLIT)
-        elif self.dataset == "omniglot":
-            twenty = (self.n_way or 5) >= 20
-            defaults = dict(
-                n_way=5, k_shot=1, q_query=15, inner_steps=5 if twenty else 1,
-                inner_lr=0.1 if twenty else 0.4, eval_inner_steps=5 if twenty else 3,
-                meta_batch_size=16 if twenty else 32, iterations=60000, model="cnn",
-                norm=DEFAULT_NORM,
-            )
         else:  # sinusoid and harmonic (and your own regression source): the paper's set-up
             if self.n_way is not None:
                 raise UsageError(f"--n-way is for Omniglot; {self.dataset} tasks have no classes "

@@ -69,6 +69,7 @@ def elsewhere(root: Path) -> str:
 
 
 def sha256(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks (adapter.json and `maml data` record it)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -9,11 +9,11 @@ or an edited file is refused with a clear message instead of computing wrong ans
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+from maml.data import sha256
 from maml.errors import UsageError
 
 FORMAT = "maml-toolkit/adapter-v1"
@@ -115,13 +115,6 @@ def entry_files(meta: dict[str, Any], directory: Path, backend: str) -> dict[str
     return {name: directory / files[name] for name in ENTRY_POINTS}
 
 
-def sha256(path: Path) -> str:
-    """The hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_files(meta: dict[str, Any], files: dict[str, Path]) -> None:
