@@ -5,6 +5,7 @@ loopback port (and skips, naming what is missing, without one)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -122,3 +123,31 @@ def test_a_redis_down_or_full_is_a_503_never_a_500(sine, server_factory, tmp_pat
                             text=True, timeout=60)
     assert result.returncode == 2 and "does not answer" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_load_test_kills_one_of_two_replicas_and_loses_nothing(sine, redis_url, tmp_path):
+    """scripts/load_test.py --replicas 2 --task-store redis://...: one replica is killed with
+    SIGKILL mid-run; the only errors are the requests in flight on it (a clean connection
+    error), every task created before the kill is still found after it, and the surviving
+    replica goes on answering."""
+    out = tmp_path / "replicas.json"
+    result = subprocess.run(
+        [sys.executable, "scripts/load_test.py", "--adapter", str(sine.directory),
+         "--replicas", "2", "--task-store", redis_url, "--clients", "3", "--duration", "4",
+         "--kill-after", "2", "--server-threads", "2", "--json-out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=90,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    killed = [r for r in report["replicas"] if r["killed"]]
+    survivors = [r for r in report["replicas"] if not r["killed"]]
+    assert len(killed) == 1 and len(survivors) == 1, report["replicas"]
+    assert report["lost_tasks"] == 0, result.stdout
+    assert report["tasks_used_after_kill"] > 0, result.stdout  # the check checked something
+    kinds = report["errors_by_kind"]
+    assert report["errors"] == kinds["in_flight"] <= 3, result.stdout  # one per client at most
+    assert report["errors_beyond_in_flight"] == 0, result.stdout
+    assert all(f"on replica {killed[0]['index']}:" in e for e in report["first_errors"])
+    assert survivors[0]["answered_after_kill"] > 0
+    assert killed[0]["answered"] > 0  # it served before it was killed
+    assert "target met" in result.stdout and "after kill" in result.stdout
