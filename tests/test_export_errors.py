@@ -280,7 +280,8 @@ def test_a_config_with_bad_values_is_a_corrupt_checkpoint(tmp_path, sinusoid_ckp
     ("inner_lr", float("nan"), "--inner-lr must be >= 0 and finite (a step size down the support "
                                "loss), got nan"),
     ("meta_lr", float("inf"), "--meta-lr must be > 0 and finite, got inf"),
-    ("dataset", "cifar", "unknown dataset 'cifar'; choose one of sinusoid, harmonic, omniglot"),
+    ("dataset", "cifar", "unknown dataset 'cifar'; choose one of sinusoid, harmonic, omniglot, "
+                            "folder, or name your own task source as package.module:factory"),
 ])
 def test_a_stored_setting_no_run_can_use_is_one_line(tmp_path, sinusoid_ckpt, capsys, setting,
                                                      value, line):
