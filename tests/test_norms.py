@@ -74,19 +74,8 @@ def hand_tasknorm_forward(params, x, given=None):
 
 
 def reference_tasknorm_meta_gradient(theta0, lr, steps, first_order, batch):
-    theta = [p.detach().clone().requires_grad_() for p in theta0]
-    total = 0.0
-    for i in range(len(batch)):
-        fast = list(theta)
-        for _ in range(steps):
-            logits, _ = hand_tasknorm_forward(fast, batch.support_x[i])
-            grads = torch.autograd.grad(F.cross_entropy(logits, batch.support_y[i]), fast,
-                                        create_graph=not first_order)
-            fast = [p - lr * g for p, g in zip(fast, grads)]
-        _, task = hand_tasknorm_forward(fast, batch.support_x[i])
-        logits, _ = hand_tasknorm_forward(fast, batch.query_x[i], task)
-        total = total + F.cross_entropy(logits, batch.query_y[i]) / len(batch)
-    return torch.autograd.grad(total, theta), total.detach()
+    return reference_meta_gradient(theta0, lr, steps, first_order, batch, False,
+                                   hand_tasknorm_forward)
 
 
 def tasknorm_model():
@@ -121,20 +110,21 @@ def test_tasknorm_meta_gradient_matches_the_hand_written_float64_reference(first
         assert torch.allclose(stats["loss"], expected_loss, rtol=1e-12)
 
 
-def reference_meta_gradient(theta0, lr, steps, first_order, batch, transductive):
+def reference_meta_gradient(theta0, lr, steps, first_order, batch, transductive,
+                            forward=hand_forward):
+    """MAML's meta-gradient from its equations with `forward(params, x, state=None) ->
+    (logits, state)`: queries get the support set's state unless `transductive`."""
     theta = [p.detach().clone().requires_grad_() for p in theta0]
     total = 0.0
     for i in range(len(batch)):
         fast = list(theta)
         for _ in range(steps):
-            logits, _ = hand_forward(fast, batch.support_x[i])
+            logits, _ = forward(fast, batch.support_x[i])
             grads = torch.autograd.grad(F.cross_entropy(logits, batch.support_y[i]), fast,
                                         create_graph=not first_order)
             fast = [p - lr * g for p, g in zip(fast, grads)]
-        moments = None
-        if not transductive:
-            _, moments = hand_forward(fast, batch.support_x[i])
-        logits, _ = hand_forward(fast, batch.query_x[i], moments)
+        state = None if transductive else forward(fast, batch.support_x[i])[1]
+        logits, _ = forward(fast, batch.query_x[i], state)
         total = total + F.cross_entropy(logits, batch.query_y[i]) / len(batch)
     return torch.autograd.grad(total, theta), total.detach()
 
