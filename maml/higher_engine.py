@@ -12,6 +12,15 @@ another layer itself (as `nn.MultiheadAttention` reads its `out_proj`) keeps the
 silently. `routing_problem` checks, once per model, that the functional view gives the outputs
 `torch.func.functional_call` gives for the same weights, and names the weights it ignores.
 
+On a CPU with several threads, tasks run on `task_workers` threads at once, each task with one
+intra-op thread (`_TaskThreads`): small convolutions use two cores better side by side than split
+between them. Each thread has its own copy of the model's structure (the functional views swap
+weights in place). Every task's gradient is taken alone with `torch.autograd.grad`; each thread
+sums its own tasks (w, w + n, ...) in order, and the threads' sums are added in order, so the
+result does not depend on timing. A forward that draws random numbers or changes a buffer keeps
+the sequential loop (`draws_or_mutates`), so dropout masks stay in the same order and the same
+seed gives the same weights.
+
 An engine offers two functions, with the same meaning in `maml.batched_engine`:
 - `meta_gradient(...)`: adds d(mean query loss)/d(meta-parameters) to their `.grad` and returns
   the batch's mean query loss (and accuracy) as tensors, without a host sync;
@@ -23,7 +32,9 @@ from __future__ import annotations
 
 import copy
 import weakref
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 
 import higher
 import torch
@@ -145,61 +156,152 @@ def accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
     return (outputs.argmax(dim=-1) == targets).to(outputs.dtype).mean()
 
 
+_SIDE_EFFECTS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def draws_or_mutates(model: nn.Module, x: Tensor) -> bool:
+    """Whether a training-mode forward of `model` on `x` draws random numbers or changes a buffer
+    (run on a copy, the random state restored). Kept for the model's lifetime."""
+    if model not in _SIDE_EFFECTS:
+        twin = copy.deepcopy(model)
+        before = [b.detach().clone() for b in twin.buffers()]
+        state = torch.get_rng_state()
+        with torch.no_grad():
+            twin(x)
+        drew = not torch.equal(state, torch.get_rng_state())
+        torch.set_rng_state(state)
+        _SIDE_EFFECTS[model] = drew or any(
+            not torch.equal(a, b) for a, b in zip(before, twin.buffers(), strict=True))
+    return _SIDE_EFFECTS[model]
+
+
+def task_workers(model: nn.Module, batch: TaskBatch) -> int:
+    """How many tasks run at once: on a CPU, one per intra-op thread (at most one per task);
+    one on other devices, for a single task or thread, and for a model `draws_or_mutates`."""
+    threads = torch.get_num_threads()
+    if len(batch) < 2 or threads < 2 or batch.support_x.device.type != "cpu":
+        return 1
+    if draws_or_mutates(model, batch.support_x[0]):
+        return 1
+    return min(threads, len(batch))
+
+
+class _TaskThreads:
+    """Run a function of every task on `workers` threads; results in task order.
+
+    Each thread gets its own deep copy of the model (buffers and modes synchronised from the
+    original), because a functional view swaps weights into its module while it runs; the
+    weights it runs on are the ones passed in, so gradients reach the original's parameters.
+    Intra-op threads are shared out between the workers while they run."""
+
+    def __init__(self, model: nn.Module, workers: int, make_forward: Callable) -> None:
+        self.workers = workers
+        self.forwards = [make_forward(model)]
+        for _ in range(workers - 1):
+            twin = copy.deepcopy(model)
+            for mine, theirs in zip(twin.modules(), model.modules(), strict=True):
+                mine.training = theirs.training
+            if model in _ROUTING:  # the same structure: the original's verdict holds
+                _ROUTING[twin] = _ROUTING[model]
+            self.forwards.append(make_forward(twin))
+
+    def map(self, task: Callable[[int, int], object], n: int) -> list:
+        """`task(worker, i)` for i in range(n); worker `w` takes tasks w, w + workers, ..."""
+        if self.workers == 1:
+            return [task(0, i) for i in range(n)]
+
+        def run(w: int) -> list:
+            return [task(w, i) for i in range(w, n, self.workers)]
+
+        with _intra_op_threads(max(1, torch.get_num_threads() // self.workers)), \
+                ThreadPoolExecutor(self.workers) as pool:
+            parts = list(pool.map(run, range(self.workers)))
+        return [parts[i % self.workers][i // self.workers] for i in range(n)]
+
+
+@contextmanager
+def _intra_op_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def meta_gradient(
     model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop,
-    plain: bool = False,
+    plain: bool = False, workers: int | None = None,
 ) -> dict[str, Tensor]:
     """Accumulate the MAML meta-gradient of `batch` into `.grad`; return mean loss (and accuracy).
 
     `plain`: the same loop through `torch.func.functional_call` instead of `higher` (the
-    reference `maml.engine_select` holds the batched engine to).
+    reference `maml.engine_select` holds the batched engine to). `workers`: tasks at once
+    (default: `task_workers`' rule).
     """
-    forward = _forward(model, plain=plain)
     if not plain and len(batch):  # before the norm mode's forwards: its probe runs plain layers
         _check_routing(model, batch.support_x[0], for_use=False)
     params = tuple(model.parameters())
+    meta = params + (() if learned_lrs is None else (learned_lrs,))
     grad_fn = autograd_grad(create_graph=not inner.first_order)
-    losses, accuracies = [], []
-    with twice_differentiable(inner):  # attention's fused kernels: no second derivative
-        for i in range(len(batch)):
-            sx, sy, qx, qy = (t[i] for t in batch.tensors())
-            table = step_size_table(
-                inner.steps, len(params), inner.lr, learned_lrs, params[0].dtype, params[0].device
-            )
-            fast, moments = adapt_task(forward, params, sx, sy, inner.loss, table, grad_fn,
-                                       inner.norm)
-            outputs = predict(forward, fast, moments, qx, inner.norm)
-            loss = task_loss(inner.loss, outputs, qy)
+    workers = task_workers(model, batch) if workers is None else workers
+
+    sums: list[list[Tensor | None]] = [[None] * len(meta) for _ in range(workers)]
+
+    def one_task(w: int, i: int):
+        forward = threads.forwards[w]
+        sx, sy, qx, qy = (t[i] for t in batch.tensors())
+        table = step_size_table(
+            inner.steps, len(params), inner.lr, learned_lrs, params[0].dtype, params[0].device
+        )
+        fast, moments = adapt_task(forward, params, sx, sy, inner.loss, table, grad_fn,
+                                   inner.norm)
+        outputs = predict(forward, fast, moments, qx, inner.norm)
+        loss = task_loss(inner.loss, outputs, qy)
+        if workers == 1:  # straight into .grad: one task's graph alive at a time
             (loss / len(batch)).backward()
-            losses.append(loss.detach())
-            if inner.loss == "cross_entropy":
-                accuracies.append(accuracy(outputs.detach(), qy))
-    stats = {"loss": torch.stack(losses).mean()}
-    if accuracies:
-        stats["accuracy"] = torch.stack(accuracies).mean()
+        else:  # each worker sums its own tasks in order; the workers are added in order below
+            grads = torch.autograd.grad(loss / len(batch), meta, allow_unused=True)
+            sums[w] = [g if s is None else s if g is None else s.add_(g)
+                       for s, g in zip(sums[w], grads, strict=True)]
+        acc = accuracy(outputs.detach(), qy) if inner.loss == "cross_entropy" else None
+        return loss.detach(), acc
+
+    with twice_differentiable(inner):  # attention's fused kernels: no second derivative
+        threads = _TaskThreads(model, workers, lambda m: _forward(m, plain=plain))
+        results = threads.map(one_task, len(batch))
+    if workers > 1:
+        for grads in sums:
+            for t, g in zip(meta, grads, strict=True):
+                if g is not None:
+                    t.grad = g if t.grad is None else t.grad.add_(g)
+    stats = {"loss": torch.stack([r[0] for r in results]).mean()}
+    if inner.loss == "cross_entropy" and len(results):
+        stats["accuracy"] = torch.stack([r[1] for r in results]).mean()
     return stats
 
 
 def adapt_predict(
     model: nn.Module, learned_lrs: Tensor | None, batch: TaskBatch, inner: InnerLoop,
-    plain: bool = False, one_at_a_time: bool = False,
+    plain: bool = False, one_at_a_time: bool = False, workers: int | None = None,
 ) -> Tensor:
     """Adapt to every task of `batch` and return the query outputs, stacked `(B, Q, ...)`.
 
     `one_at_a_time`: predict each query alone (as a deployed adapter is asked), not all of a
     task's queries in one batch; the same outputs unless the mode is `transductive`.
-    `plain`: as for `meta_gradient`."""
+    `plain`, `workers`: as for `meta_gradient`."""
     check_adaptable(model)
     params = tuple(p.detach().requires_grad_() for p in model.parameters())
     lrs = None if learned_lrs is None else learned_lrs.detach()
     table = step_size_table(
         inner.steps, len(params), inner.lr, lrs, params[0].dtype, params[0].device
     )
-    forward = _forward(model, for_use=True, plain=plain)
     if not plain and len(batch):
         _check_routing(model, batch.support_x[0], for_use=True)
-    outputs = []
-    for i in range(len(batch)):
+    workers = task_workers(model, batch) if workers is None else workers
+
+    def one_task(w: int, i: int) -> Tensor:
+        forward = threads.forwards[w]
         sx, sy, qx, _ = (t[i] for t in batch.tensors())
         with torch.enable_grad():
             fast, moments = adapt_task(forward, params, sx, sy, inner.loss, table,
@@ -207,6 +309,10 @@ def adapt_predict(
         fast, moments = tuple(p.detach() for p in fast), tuple(m.detach() for m in moments)
         groups = qx.split(1) if one_at_a_time else (qx,)
         with torch.no_grad():
-            outputs.append(torch.cat([predict(forward, fast, moments, q, inner.norm)
-                                      for q in groups]))
+            return torch.cat([predict(forward, fast, moments, q, inner.norm) for q in groups])
+
+    with evaluation_mode(model):  # the copies take their modes from the original
+        threads = _TaskThreads(model, workers, lambda m: _forward(m, for_use=True, plain=plain))
+        # `_forward(..., for_use=True)` puts each copy in evaluation mode while it runs
+        outputs = threads.map(one_task, len(batch))
     return torch.stack(outputs)

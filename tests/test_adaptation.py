@@ -59,11 +59,13 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-task-at-a-time", "two-task-threads"])
 @pytest.mark.parametrize("learn_lr", [False, True], ids=["fixed-lr", "learned-lr"])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("case", list(CASES))
-def test_higher_meta_gradient_matches_float64_reference(case, steps, first_order, learn_lr):
+def test_higher_meta_gradient_matches_float64_reference(case, steps, first_order, learn_lr,
+                                                        workers):
     make_model, make_batch, loss_fn, loss_name, lr = CASES[case]
     gen = torch.Generator().manual_seed(7)
     torch.manual_seed(0)
@@ -81,7 +83,7 @@ def test_higher_meta_gradient_matches_float64_reference(case, steps, first_order
     )
     model.zero_grad()
     inner = InnerLoop(loss_name, steps, lr, first_order)
-    stats = higher_engine.meta_gradient(model, learned, batch, inner)
+    stats = higher_engine.meta_gradient(model, learned, batch, inner, workers=workers)
     got = [p.grad for p in model.parameters()] + ([] if learned is None else [learned.grad])
 
     assert len(got) == len(expected)
