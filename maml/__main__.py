@@ -26,6 +26,7 @@ from typing import Any
 import fire
 import torch
 
+from maml.allocator import keep_freed_memory
 from maml.errors import Stopped, UsageError, exit_status
 
 KINDS = {int: (int, "an integer"), float: (int | float, "a number"), str: (str, "text")}
@@ -558,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
 
     def run() -> None:
+        keep_freed_memory()  # CPU iterations reuse freed memory instead of page-faulting it in
         given = check_options(argv)
         before = argv[:argv.index("--") if "--" in argv else len(argv)]
         text = None
