@@ -2,20 +2,36 @@
 
 The inner loop is `maml.adaptation.adapt` (the one definition of adaptation), run for all tasks
 together by `torch.func.vmap`, with a `GradFn` built on `torch.func.grad`; the forward is
-`torch.func.functional_call` of the user's module. The meta-gradient is `torch.func.grad` of the
-mean query loss with respect to the weights (and learned step sizes), so one meta-iteration is a
-pure function `step(params, lrs, support, query) -> (gradients, loss, accuracy)` that
-`torch.compile` and CUDA graphs can take whole. The same API as `maml.higher_engine`:
-`meta_gradient` adds to `.grad` and returns the mean loss (and accuracy) as tensors without a host
-sync; `adapt_predict` returns the adapted query outputs.
+`torch.func.functional_call` of the user's module. One meta-iteration is a step
+`step(params, lrs, support, query) -> (gradients, loss, accuracy)` (`meta_step_fn`) whose outer
+gradient, of the mean query loss with respect to the weights (and learned step sizes), is taken
+one of two ways, with the same float64 result:
 
-Exactness: the step runs under `maml.exact_norms.ExactNorms`, because `vmap` of `grad` through
+- eagerly, by `torch.autograd.grad` of the vmapped tasks' loss (ordinary autograd through the
+  inner `torch.func.grad`): faster than `torch.func.grad` of the `vmap` (measured 1.3x on the
+  sinusoid MLP on a CPU);
+- with `compile` or `cuda_graphs`, by `torch.func.grad`, so that the step is one pure function
+  that `torch.compile` and CUDA graphs take whole. Nothing in it breaks the graph: the TaskNorm
+  context of `maml.norms.blends_from` (a context variable, which compilation cannot trace) is
+  entered only by models with TaskNorm parameters (`batched_forward`), and the modes below only
+  where needed.
+
+The same API as `maml.higher_engine`: `meta_gradient` adds to `.grad` and returns the mean loss
+(and accuracy) as tensors without a host sync; `adapt_predict` returns the adapted query outputs.
+
+Exactness: the tasks run under `maml.exact_norms.ExactNorms`, because `vmap` of `grad` through
 PyTorch's fused normalisation kernels gives wrong second-order gradients, and under
 `maml.plain_recurrent.PlainRecurrent`, because the fused recurrent operators cannot be batched.
+Both are `TorchFunctionMode`s, which cost a Python call per operation, so each is entered only
+where the forward calls a function it reroutes: the first time a step (or prediction) meets a
+model, inner loop and per-task shapes, one task goes through it inside both modes, each records
+whether it saw such a call, and the step keeps only those that did (`needed`). The decision is
+what the forward calls, not which modules the model has: a hand-written `F.batch_norm` counts.
+A mode left out would only have passed every call through, so the result is the same.
 
 Memory: a meta-batch can be run in chunks of `task_chunk` tasks, accumulating the gradient (the
 result is the same meta-gradient). With `task_chunk=None` the chunk is sized on the first batch
-to keep the step's peak memory under `memory_budget_mb` (see `_ChunkSizer`).
+to keep the step's peak memory under `memory_budget_mb` (see `BatchedEngine._size_chunks`).
 """
 
 from __future__ import annotations
@@ -28,8 +44,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from maml.adaptation import (
+    Forward,
     GradFn,
     InnerLoop,
     Params,
@@ -41,6 +59,7 @@ from maml.adaptation import (
     twice_differentiable,
 )
 from maml.exact_norms import ExactNorms
+from maml.norms import blend_indices
 from maml.norms import predict as norm_predict
 from maml.plain_recurrent import PlainRecurrent
 from maml.tasks import TaskBatch
@@ -60,34 +79,94 @@ def _accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
     return (outputs.argmax(dim=-1) == targets).to(outputs.dtype).mean()
 
 
-def meta_step_fn(model: nn.Module, inner: InnerLoop, learned: bool) -> Callable:
+Modes = tuple[TorchFunctionMode, ...]
+
+
+def all_modes() -> Modes:
+    """Fresh instances of every mode the batched forward may need (each records what it saw)."""
+    return (ExactNorms(), PlainRecurrent())
+
+
+def _under(modes: Modes, run: Callable, *args):
+    """`run(*args)` inside `modes` (entered in order); without modes, a plain call."""
+    if not modes:
+        return run(*args)
+    with modes[0]:
+        return _under(modes[1:], run, *args)
+
+
+def batched_forward(model: nn.Module) -> Forward:
+    """`maml.adaptation.functional_forward`, less the TaskNorm context where there is no TaskNorm.
+
+    `functional_forward` enters `maml.norms.blends_from` on every call, which sets a context
+    variable that `torch.compile` cannot trace (a graph break that left the compiled step
+    eager). Without TaskNorm parameters that context holds nothing any layer reads, so the same
+    `functional_call` runs without it.
+    """
+    forward = functional_forward(model)  # its checks and MAML's batch-norm convention
+    names = [name for name, _ in model.named_parameters()]
+    if blend_indices(names):
+        return forward
+
+    def plain(params: Params, x: Tensor) -> Tensor:
+        return torch.func.functional_call(model, dict(zip(names, params)), (x,))
+
+    return plain
+
+
+def meta_step_fn(
+    model: nn.Module, inner: InnerLoop, learned: bool, modes: Modes | None = None,
+    outer: str = "func",
+) -> Callable:
     """The pure meta-gradient step of one chunk of tasks.
 
     `step(params, lrs, sx, sy, qx, qy, total) -> (param_grads, lr_grads, loss_sum, acc_sum)`:
     the gradient of (sum of the chunk's query losses) / `total`, so that chunks of one meta-batch
     of `total` tasks add up to the gradient of its mean loss. `lr_grads` is None without learned
     step sizes; `acc_sum` is zero for regression.
+
+    The tasks run under `vmap` inside `modes` (default: `all_modes()`). The outer gradient is
+    `torch.func.grad` of the chunk loss (`outer="func"`: one pure function, for `torch.compile`
+    and CUDA graphs) or `torch.autograd.grad` of it (`outer="autograd"`: faster eagerly, the
+    same float64 meta-gradient).
     """
-    forward = functional_forward(model)
+    forward = batched_forward(model)
     grad_fn = func_grad(inner.first_order)
     classify = inner.loss == "cross_entropy"
+    modes = all_modes() if modes is None else modes
+
+    def one_task(params: Params, table: Tensor, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
+        fast, moments = adapt_task(forward, params, sx, sy, inner.loss, table, grad_fn, inner.norm)
+        outputs = norm_predict(forward, fast, moments, qx, inner.norm)
+        loss = task_loss(inner.loss, outputs, qy)
+        acc = _accuracy(outputs, qy) if classify else torch.zeros_like(loss)
+        return loss, acc
+
+    tasks = torch.func.vmap(one_task, in_dims=(None, None, 0, 0, 0, 0))
 
     def chunk_loss(params: Params, lrs: Tensor | None, sx, sy, qx, qy, total: int):
         table = step_size_table(
             inner.steps, len(params), inner.lr, lrs, params[0].dtype, params[0].device
         )
-
-        def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
-            fast, moments = adapt_task(forward, params, sx, sy, inner.loss, table, grad_fn,
-                                       inner.norm)
-            outputs = norm_predict(forward, fast, moments, qx, inner.norm)
-            loss = task_loss(inner.loss, outputs, qy)
-            acc = _accuracy(outputs, qy) if classify else torch.zeros_like(loss)
-            return loss, acc
-
-        with ExactNorms(), PlainRecurrent():
-            losses, accs = torch.func.vmap(one_task)(sx, sy, qx, qy)
+        losses, accs = _under(modes, tasks, params, table, sx, sy, qx, qy)
         return losses.sum() / total, (losses.detach().sum(), accs.detach().sum())
+
+    if outer == "autograd":
+
+        def autograd_step(params: Params, lrs: Tensor | None, sx, sy, qx, qy, total: int):
+            params = tuple(p.detach().requires_grad_() for p in params)
+            lrs = None if lrs is None else lrs.detach().requires_grad_()
+            with torch.enable_grad():
+                loss, (loss_sum, acc_sum) = chunk_loss(params, lrs, sx, sy, qx, qy, total)
+                grads = torch.autograd.grad(  # materialize: unused parameters get zeros
+                    loss, (*params, *([] if lrs is None else [lrs])), materialize_grads=True
+                )
+            lr_grads = grads[-1] if learned else None
+            return grads[: len(params)], lr_grads, loss_sum, acc_sum
+
+        return autograd_step
+    if outer != "func":
+        raise ValueError(f"unknown outer gradient {outer!r}; expected 'func' or 'autograd'")
 
     argnums = (0, 1) if learned else 0
     grad_of = torch.func.grad(chunk_loss, argnums=argnums, has_aux=True)
@@ -101,11 +180,14 @@ def meta_step_fn(model: nn.Module, inner: InnerLoop, learned: bool) -> Callable:
     return step
 
 
-def predict_fn(model: nn.Module, inner: InnerLoop, one_at_a_time: bool = False) -> Callable:
+def predict_fn(
+    model: nn.Module, inner: InnerLoop, one_at_a_time: bool = False, modes: Modes | None = None
+) -> Callable:
     """`predict(params, table, sx, sy, qx) -> (B, Q, ...)`: adapt each task, predict its queries
-    (all together, or `one_at_a_time`)."""
-    forward = functional_forward(model)
+    (all together, or `one_at_a_time`), inside `modes` (default: `all_modes()`)."""
+    forward = batched_forward(model)
     grad_fn = func_grad(first_order=True)
+    modes = all_modes() if modes is None else modes
 
     def one_task(params: Params, table: Tensor, sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
         fast, moments = adapt_task(forward, params, sx, sy, inner.loss, table, grad_fn,
@@ -116,10 +198,23 @@ def predict_fn(model: nn.Module, inner: InnerLoop, one_at_a_time: bool = False) 
     batched = torch.func.vmap(one_task, in_dims=(None, None, 0, 0, 0))
 
     def predict(params: Params, table: Tensor, sx, sy, qx) -> Tensor:
-        with ExactNorms(), PlainRecurrent():
-            return batched(params, table, sx, sy, qx)
+        return _under(modes, batched, params, table, sx, sy, qx)
 
     return predict
+
+
+def needed(modes: Modes) -> Modes:
+    """Those of `modes` (after a run inside them) that saw one of the functions they reroute.
+    The others would only pass every call through, at the cost of a Python call per operation:
+    leaving them out changes no result."""
+    return tuple(mode for mode in modes if mode.seen)
+
+
+def _layout(model: nn.Module, tensors: tuple[Tensor, ...]) -> tuple:
+    """What decides which functions a forward calls: per-task shapes, dtypes and devices, and
+    every module's training flag."""
+    return (tuple((t.shape[1:], t.dtype, t.device) for t in tensors),
+            tuple(m.training for m in model.modules()))
 
 
 def chunk_bounds(total: int, chunk: int) -> list[tuple[int, int]]:
@@ -235,23 +330,40 @@ class BatchedEngine:
     warn: Callable[[str], None] | None = field(default=None, repr=False)
     _steps: dict = field(default_factory=dict, repr=False)
     _predicts: dict = field(default_factory=dict, repr=False)
+    _modes: dict = field(default_factory=dict, repr=False)
 
     def _step(
-        self, model: nn.Module, inner: InnerLoop, learned: bool, shapes: tuple, plain: bool
+        self, model: nn.Module, inner: InnerLoop, learned_lrs: Tensor | None, tensors: tuple,
+        total: int, plain: bool,
     ) -> Callable:
-        """The step for these chunk shapes; `plain` skips compilation and graph capture.
+        """The step for these chunk tensors; `plain` skips compilation and graph capture.
 
         A CUDA graph replays what it captured, the meta-batch size the loss is divided by
-        included, so a graph is kept per chunk shape and meta-batch size (`shapes`).
+        included, so a graph is kept per chunk shape and meta-batch size.
         """
-        key = (id(model), inner, learned, shapes if self.cuda_graphs else None, plain)
+        learned = learned_lrs is not None
         if self.compile and not plain and inner.norm == "tasknorm":
             # measured: the compiled TaskNorm step is 3e-3 off the loop (its (a, b) reach the
             # norm layers through a context variable, which compilation does not follow)
             raise ValueError("--compile does not support --norm tasknorm yet (its compiled step "
                              "is not exact); drop --compile, or use --norm support")
+        # eagerly, autograd of the vmapped tasks is faster than torch.func.grad of them;
+        # compilation and graph capture take the step as one pure torch.func function
+        outer = "func" if self.compile or self.cuda_graphs else "autograd"
+        layout = _layout(model, tensors)
+        modes_key = (id(model), inner, learned, outer, layout)
+        if modes_key not in self._modes:  # one task through the step, inside every mode
+            probe = all_modes()
+            params = tuple(p.detach() for p in model.parameters())
+            lrs = None if learned_lrs is None else learned_lrs.detach()
+            meta_step_fn(model, inner, learned, probe, outer)(
+                params, lrs, *(t[:1] for t in tensors), 1)
+            self._modes[modes_key] = needed(probe)
+        modes = self._modes[modes_key]
+        shapes = (total, *(tuple(t.shape) for t in tensors)) if self.cuda_graphs else None
+        key = (modes_key, shapes, plain)
         if key not in self._steps:
-            step = meta_step_fn(model, inner, learned)
+            step = meta_step_fn(model, inner, learned, modes, outer)
             if self.bf16:
                 step = _autocast(step, next(model.parameters()).device)
             if self.compile and not plain:
@@ -266,10 +378,9 @@ class BatchedEngine:
     ):
         params = tuple(model.parameters())
         tensors = tuple(t[start:stop] for t in batch.tensors())
-        step = self._step(model, inner, learned_lrs is not None,
-                          (total, *(tuple(t.shape) for t in tensors)), plain)
-        # Detached inputs: torch.func.grad gives the gradients; an outer autograd graph around
-        # the step would only hold memory.
+        step = self._step(model, inner, learned_lrs, tensors, total, plain)
+        # Detached inputs: the step takes the gradients itself; an outer autograd graph around
+        # it would only hold memory.
         lrs = None if learned_lrs is None else learned_lrs.detach()
         grads, lr_grad, loss_sum, acc_sum = step(
             tuple(p.detach() for p in params), lrs, *tensors, total
@@ -347,17 +458,29 @@ class BatchedEngine:
         table = step_size_table(
             inner.steps, len(params), inner.lr, lrs, params[0].dtype, params[0].device
         )
-        key = (id(model), inner, one_at_a_time)
-        if key not in self._predicts:
-            self._predicts[key] = predict_fn(model, inner, one_at_a_time)
-        predict = self._predicts[key]
         chunk = self.task_chunk or self.chosen_chunk or len(batch)
         outputs = []
-        with torch.no_grad(), evaluation_mode(model):
+        with torch.no_grad():
             for a, b in chunk_bounds(len(batch), chunk):
                 sx, sy, qx, _ = (t[a:b] for t in batch.tensors())
-                outputs.append(predict(params, table, sx, sy, qx))
+                predict = self._predict(model, inner, one_at_a_time, params, table, (sx, sy, qx))
+                with evaluation_mode(model):
+                    outputs.append(predict(params, table, sx, sy, qx))
         return torch.cat(outputs).detach()
+
+    def _predict(self, model, inner, one_at_a_time, params, table, tensors) -> Callable:
+        """The prediction function for these tensors, inside the modes its forward needs (found
+        as the step's: one task through it, in `evaluation_mode`, inside every mode).
+
+        Built outside `evaluation_mode`: building a forward puts the model in training mode."""
+        key = (id(model), inner, one_at_a_time, _layout(model, tensors))
+        if key not in self._predicts:
+            probe = all_modes()
+            predict = predict_fn(model, inner, one_at_a_time, probe)
+            with evaluation_mode(model):
+                predict(params, table, *(t[:1] for t in tensors))
+            self._predicts[key] = predict_fn(model, inner, one_at_a_time, needed(probe))
+        return self._predicts[key]
 
 
 def _stderr(line: str) -> None:

@@ -84,11 +84,18 @@ def _bind(func, args: tuple, kwargs: dict) -> dict:
 
 
 class ExactNorms(TorchFunctionMode):
-    """Route batch-statistics normalisation to the plain-op versions above while active."""
+    """Route batch-statistics normalisation to the plain-op versions above while active.
+
+    `seen` turns True once a normalisation function is called under the mode (rerouted or not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _ARGS:
+            self.seen = True
             a = _bind(func, args, kwargs)
             if func is F.batch_norm and a["training"] and a["running_mean"] is None \
                     and a["running_var"] is None:

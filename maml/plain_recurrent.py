@@ -13,6 +13,8 @@ the loop to ~3e-16 (`tests/test_batched_engine.py`).
 Users keep writing `nn.LSTM`; the batched engine runs their forward inside this mode. Packed
 sequences (the `.data` overloads) pass through untouched. If a torch version lacks the
 decompositions, layers pass through too, and the engine's probe names what it cannot batch.
+`seen` records whether any recurrent operator was called under the mode: the engine enters it only
+for forwards that do.
 """
 
 from __future__ import annotations
@@ -81,10 +83,18 @@ def _padded_overload(args: tuple) -> bool:
 
 
 class PlainRecurrent(TorchFunctionMode):
-    """Route the fused recurrent operators to their plain-op versions while active."""
+    """Route the fused recurrent operators to their plain-op versions while active.
+
+    `seen` turns True once a recurrent operator is called under the mode (rerouted or not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _CELLS or func in _LAYERS:
+            self.seen = True
         if func in _CELLS:
             return _CELLS[func](*args, **kwargs)
         plain = _LAYERS.get(func)

@@ -13,12 +13,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from maml import batched_engine, higher_engine
-from maml.adaptation import InnerLoop, adapt, step_size_table, task_loss, use_batch_statistics
-from maml.batched_engine import BatchedEngine, chunk_bounds, func_grad
+from maml.adaptation import (
+    InnerLoop,
+    adapt,
+    step_size_table,
+    task_loss,
+    twice_differentiable,
+    use_batch_statistics,
+)
+from maml.batched_engine import BatchedEngine, chunk_bounds, func_grad, meta_step_fn
 from maml.engine_select import EngineOptions, SelectedEngine, batched_problem
 from maml.errors import UsageError
 from maml.exact_norms import ExactNorms
 from maml.models import ConvNetClassifier, maxpool_cnn, omniglot_cnn, sinusoid_mlp
+from maml.plain_recurrent import PlainRecurrent
 from maml.tasks import TaskBatch
 
 TOL = 1e-10
@@ -575,6 +583,93 @@ def test_recurrent_layers_run_batched_and_match_the_loop(name):
     assert rel(got, expected) <= TOL
     predicted = batched_engine.adapt_predict(model, learned, batch, inner)
     assert rel(predicted, higher_engine.adapt_predict(model, learned, batch, inner)) <= TOL
+
+
+class CallsBatchNorm(nn.Module):
+    """Batch norm written as a call of `F.batch_norm`: no norm layer among its modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(256, 16), nn.Linear(16, 3)
+        self.scale, self.shift = nn.Parameter(torch.ones(16)), nn.Parameter(torch.zeros(16))
+
+    def forward(self, x):
+        h = F.batch_norm(self.inp(x.flatten(1)), None, None, self.scale, self.shift, True)
+        return self.out(torch.relu(h))
+
+
+def step_gradient(model, learned, batch, inner, modes=None, outer="func"):
+    """The flattened meta-gradient of one `meta_step_fn` step over the whole batch."""
+    step = meta_step_fn(model, inner, learned is not None, modes, outer)
+    params = tuple(p.detach() for p in model.parameters())
+    lrs = None if learned is None else learned.detach()
+    with twice_differentiable(inner):
+        grads, lr_grad, _, _ = step(params, lrs, *batch.tensors(), len(batch))
+    return torch.cat([g.flatten() for g in (*grads, *([] if lr_grad is None else [lr_grad]))])
+
+
+MODE_NETS = {  # name: (model, batch, loss, lr, the modes its forward needs)
+    "mlp": (lambda: sinusoid_mlp(hidden=16), sine_batch, "mse", 0.05, []),
+    "nn.BatchNorm2d": (NORM_NETS["BatchNorm2d"], image_batch, "cross_entropy", 0.4,
+                       [ExactNorms]),
+    "F.batch_norm": (CallsBatchNorm, image_batch, "cross_entropy", 0.4, [ExactNorms]),
+    "LayerNorm": (NORM_NETS["LayerNorm"], image_batch, "cross_entropy", 0.4, [ExactNorms]),
+}
+
+
+@pytest.mark.parametrize("name", list(MODE_NETS))
+def test_the_engine_enters_the_modes_the_forward_calls_for(name):
+    """`ExactNorms` and `PlainRecurrent` cost a Python call per operation, so the engine enters
+    only those whose functions the forward actually calls (one task through the step inside
+    both decides it): a hand-written `F.batch_norm` with no norm layer gets exact norms too, a
+    plain MLP runs without any mode, and every meta-gradient and prediction is the loop's."""
+    make, make_batch, loss, lr, expected_modes = MODE_NETS[name]
+    torch.manual_seed(0)
+    model, batch = use_batch_statistics(make().double()), make_batch()
+    inner = InnerLoop(loss, 2, lr)
+    expected, _ = gradient(higher_engine, model, None, batch, inner)
+    engine = BatchedEngine(task_chunk=len(batch))
+    got, _ = gradient(engine, model, None, batch, inner)
+    assert rel(got, expected) <= TOL
+    assert [[type(m) for m in modes] for modes in engine._modes.values()] == [expected_modes]
+    predicted = engine.adapt_predict(model, None, batch, inner)
+    assert rel(predicted, higher_engine.adapt_predict(model, None, batch, inner)) <= TOL
+    if expected_modes:  # and the mode is needed: without it the fused kernel's trap shows
+        assert rel(step_gradient(model, None, batch, inner, modes=()), expected) > 1e-6
+
+
+def test_recurrent_layers_enter_plain_recurrent_alone():
+    torch.manual_seed(0)
+    model, batch = Recurrent(RECURRENT["gru"]()), sine_batch()
+    model(batch.support_x[0].float())  # materialise the lazy head
+    model.double()
+    inner = InnerLoop("mse", 1, 0.05)
+    engine = BatchedEngine(task_chunk=len(batch))
+    got, _ = gradient(engine, model, None, batch, inner)
+    assert rel(got, gradient(higher_engine, model, None, batch, inner)[0]) <= TOL
+    assert [[type(m) for m in modes] for modes in engine._modes.values()] == [[PlainRecurrent]]
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
+@pytest.mark.parametrize("name", ["mlp", "nn.BatchNorm2d", "gru"])
+def test_func_and_autograd_outer_gradients_are_both_the_loops(name, first_order):
+    """Eagerly the step takes the outer gradient with `torch.autograd.grad` of the vmapped tasks
+    (faster); compiled or captured, with `torch.func.grad` (one pure function). Both are exact,
+    learned step sizes included."""
+    torch.manual_seed(0)
+    if name == "gru":
+        model, batch, loss, lr = Recurrent(RECURRENT["gru"]()), sine_batch(), "mse", 0.05
+        model(batch.support_x[0].float())
+    else:
+        make, make_batch, loss, lr, _ = MODE_NETS[name]
+        model, batch = make(), make_batch()
+    model = use_batch_statistics(model.double())
+    n = len(list(model.parameters()))
+    learned = nn.Parameter(torch.linspace(0.5, 1.5, 2 * n, dtype=torch.float64).reshape(2, n) * lr)
+    inner = InnerLoop(loss, 2, lr, first_order)
+    expected, _ = gradient(higher_engine, model, learned, batch, inner)
+    for outer in ("func", "autograd"):
+        assert rel(step_gradient(model, learned, batch, inner, outer=outer), expected) <= TOL
 
 
 class OnceDifferentiableSquare(torch.autograd.Function):
