@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from maml import checkpoint  # noqa: E402
+from maml.allocator import keep_freed_memory  # noqa: E402
 from maml.arguments import Parser  # noqa: E402
 from maml.config import Config  # noqa: E402
 from maml.curves import plot_curves  # noqa: E402
@@ -332,6 +333,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
+    keep_freed_memory()  # as `python -m maml train`: CPU iterations reuse freed memory
     if args.table:
         if not Path(args.out).is_dir():
             p.error(f"--out {args.out} is not a folder of results; give the --out of the runs")
