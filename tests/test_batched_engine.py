@@ -824,15 +824,22 @@ def test_cli_rejects_bad_engine_settings_before_writing(tmp_path, capsys, flags,
 
 @pytest.mark.slow
 def test_compiled_step_matches_higher():
-    """`--compile` (torch.compile of the whole step, on CPU here) keeps the exact meta-gradient."""
+    """`--compile` (torch.compile of the whole step, on CPU here) keeps the exact meta-gradient,
+    and compiles the step whole: a graph break (the TaskNorm context variable was one) makes
+    torch.compile skip the step's frames and run it eagerly."""
+    from torch._dynamo.utils import counters
+
     model, learned, batch = setup("mlp", 1, True)
     inner = InnerLoop("mse", 1, 0.05)
     expected, expected_stats = gradient(higher_engine, model, learned, batch, inner)
     engine = BatchedEngine(task_chunk=2, compile=True)
+    counters.clear()
     for _ in range(2):  # the compiled step, then its cached replay
         got, stats = gradient(engine, model, learned, batch, inner)
         assert rel(got, expected) <= TOL
         torch.testing.assert_close(stats["loss"], expected_stats["loss"], rtol=1e-12, atol=0)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 1
 
 
 def test_cli_task_chunk_auto_with_a_budget_trains(tmp_path):
