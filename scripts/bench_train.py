@@ -18,26 +18,52 @@ Rows: `higher` loop; batched (eager); batched with auto chunking under `--memory
 `--compile` adds batched + torch.compile; on CUDA also CUDA graphs (also with cuDNN's autotuner,
 `torch.backends.cudnn.benchmark`), TF32 and bf16 autocast rows, and with `--compile` compile +
 CUDA graphs, whole and auto-chunked. Peak MB is the allocator's peak over one timed iteration;
-on CUDA, "reserved MB" is what the row held from the allocator (the cache was emptied before
-the row), which counts a CUDA graph's private memory pool that the peak of a replay does not see.
-Tasks are random images / sinusoid draws of the right shapes (timing does not depend on the
-pixels). CPU always, CUDA when present. Prints a markdown table; writes JSON under
-`benchmarks/`.
+on CUDA, "reserved MB" is what the row held from the allocator over its warm-up (the cache was
+emptied before it), which counts a CUDA graph's private memory pool that the peak of a replay
+does not see. Tasks are random images / sinusoid draws of the right shapes (timing does not
+depend on the pixels). CPU always, CUDA when present. Prints a markdown table; writes JSON
+under `benchmarks/`.
+
+Peer rows (`--no-peers` drops them): other MAML implementations, each written as its own
+documentation shows it, on the same model, initial weights, tasks, losses (mean per task, the
+meta-loss the mean over tasks), step size and steps: `higher.innerloop_ctx` (the seed's loop),
+learn2learn's `MAML.clone()/adapt()`, TorchOpt's functional loop (`torchopt.sgd` +
+`apply_updates`) and plain `torch.func` (`vmap` over tasks of an inner `grad` step, the outer
+gradient by `grad`; on the sinusoid with `--compile` also under `torch.compile`). A peer whose
+library is not importable is one line of the output ("peer X not installed: pip install ..."),
+not a failure; docs/benchmarks-peers.md gives the commands that install learn2learn 0.2.0 and
+TorchOpt 0.7.3 without touching torch. Before timing, each peer's meta-gradient is computed in
+float64 and compared with the `higher` loop's: within 1e-8 (relative) it is exact; otherwise the
+row says "wrong: <diff> off float64", its time is shown, marked, and it counts as no one's
+speed win. "vs fastest exact peer" is each row's time over the fastest exact peer's.
+
+Timing is interleaved, because a shared machine drifts by tens of percent from one minute to the
+next: every row is warmed up first, then the rows take turns, one meta-iteration each per
+round, for `--iterations` rounds, and each row reports its median.
 
     python scripts/bench_train.py --quick            # about 10 minutes on a 2-core CPU
     python scripts/bench_train.py --iterations 20 --compile
+    python scripts/bench_train.py --only sinusoid --iterations 30 --compile --threads 1
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import math
 import platform
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
+import higher
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from maml import higher_engine
 from maml.adaptation import InnerLoop, use_batch_statistics
@@ -84,37 +110,284 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_row(engine, model, batch, inner, device, iterations: int, warmup: int):
-    """Time `iterations` meta-gradients after `warmup`; return ms, peak MB, the gradient."""
-    params = list(model.parameters())
-    if device.type == "cuda":  # what this row holds from the allocator is its own
+# ---- peers: other MAML implementations, each as its documentation writes it -----------------
+# A peer is `make(model, inner) -> step`, and `step(batch)` adds d(mean query loss over the
+# batch's tasks)/d(model's parameters) to their `.grad`, as our engines' `meta_gradient` does.
+
+Step = Callable[[TaskBatch], object]
+
+EXACT = 1e-8
+"""A peer within this relative difference of the float64 `higher` loop computes our gradient."""
+
+
+def peer_loss(inner: InnerLoop) -> Callable:
+    """Our task loss: mean cross-entropy or mean squared error over a task's examples."""
+    return F.cross_entropy if inner.loss == "cross_entropy" else F.mse_loss
+
+
+def check_comparable(inner: InnerLoop) -> None:
+    if inner.norm != "transductive":  # a peer's train-mode forward normalises by its own batch
+        raise ValueError(f"peers run batch norm transductively only, not {inner.norm!r}")
+
+
+def higher_seed_style(model: nn.Module, inner: InnerLoop) -> Step:
+    """`higher.innerloop_ctx`, as higher's README and examples/maml-omniglot.py use it (the seed).
+
+    Documented usage: an inner `torch.optim.SGD` over the model's parameters, then per task
+    `with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel,
+    diffopt)`, `diffopt.step(support_loss)` per step and `query_loss.backward()`. The example sums
+    the tasks' losses; here each is divided by the number of tasks (our meta-loss is the mean).
+    """
+    check_comparable(inner)
+    loss = peer_loss(inner)
+    inner_opt = torch.optim.SGD(model.parameters(), lr=inner.lr)
+
+    def step(batch: TaskBatch) -> None:
+        for sx, sy, qx, qy in zip(*batch.tensors()):
+            with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False,
+                                      track_higher_grads=not inner.first_order) as (fmodel, diffopt):
+                for _ in range(inner.steps):
+                    diffopt.step(loss(fmodel(sx), sy))
+                (loss(fmodel(qx), qy) / len(batch)).backward()
+
+    return step
+
+
+def learn2learn_maml(model: nn.Module, inner: InnerLoop) -> Step:
+    """learn2learn 0.2.0's `l2l.algorithms.MAML`, as its docs and examples/vision/maml_omniglot.py
+    use it.
+
+    Documented usage: `maml = l2l.algorithms.MAML(model, lr=..., first_order=...)`, then per task
+    `learner = maml.clone()`, `learner.adapt(support_loss)` per step and
+    `query_loss.backward()`; the example scales the summed gradient by 1 / tasks afterwards,
+    here each task's loss is divided by the number of tasks first (the same gradient).
+    """
+    import learn2learn as l2l
+
+    check_comparable(inner)
+    loss = peer_loss(inner)
+    maml = l2l.algorithms.MAML(model, lr=inner.lr, first_order=inner.first_order)
+
+    def step(batch: TaskBatch) -> None:
+        for sx, sy, qx, qy in zip(*batch.tensors()):
+            learner = maml.clone()
+            for _ in range(inner.steps):
+                learner.adapt(loss(learner(sx), sy))
+            (loss(learner(qx), qy) / len(batch)).backward()
+
+    return step
+
+
+def torchopt_functional(model: nn.Module, inner: InnerLoop) -> Step:
+    """TorchOpt 0.7.3's functional optimiser loop (its README's "Functional API").
+
+    Documented usage: `optimizer = torchopt.sgd(lr)`, `opt_state = optimizer.init(params)`, then per
+    step `grads = torch.autograd.grad(loss, params, create_graph=True)`, `updates, opt_state =
+    optimizer.update(grads, opt_state, inplace=False)`, `params = torchopt.apply_updates(params,
+    updates, inplace=False)`, the forward `torch.func.functional_call(model, params, x)`.
+    """
+    import torchopt
+
+    check_comparable(inner)
+    loss = peer_loss(inner)
+    params = dict(model.named_parameters())
+    optimizer = torchopt.sgd(lr=inner.lr)
+
+    def step(batch: TaskBatch) -> None:
+        for sx, sy, qx, qy in zip(*batch.tensors()):
+            fast, state = params, optimizer.init(params)
+            for _ in range(inner.steps):
+                support = loss(torch.func.functional_call(model, fast, (sx,)), sy)
+                grads = torch.autograd.grad(support, tuple(fast.values()),
+                                            create_graph=not inner.first_order)
+                updates, state = optimizer.update(dict(zip(fast, grads)), state, inplace=False)
+                fast = torchopt.apply_updates(fast, updates, inplace=False)
+            query = loss(torch.func.functional_call(model, fast, (qx,)), qy)
+            (query / len(batch)).backward()
+
+    return step
+
+
+def torch_func_vmap(model: nn.Module, inner: InnerLoop, chunk: int | None = None,
+                    compile: bool = False) -> Step:
+    """Plain `torch.func`, as TorchOpt's examples/FuncTorch/maml_omniglot_vmap.py and PyTorch's
+    functorch MAML example write it: `vmap` over the tasks of a function that takes the inner
+    steps with `torch.func.grad` and returns the query loss; the outer gradient by
+    `torch.func.grad` of the tasks' mean. `chunk`: `vmap(..., chunk_size=chunk)`; `compile`:
+    the whole gradient function under `torch.compile`.
+
+    Known wrong through batch norm: `vmap` of `grad` through PyTorch's fused normalisation
+    kernels misses part of the second-order term (1e-3 to 3e-2 off in float64 on the conv nets);
+    exact on the sinusoid MLP, which has no norm layers. Our batched engine avoids those kernels.
+    """
+    check_comparable(inner)
+    loss = peer_loss(inner)
+
+    def task_loss(params: dict, x, y):
+        return loss(torch.func.functional_call(model, params, (x,)), y)
+
+    def query_loss(params: dict, sx, sy, qx, qy):
+        for _ in range(inner.steps):
+            grads = torch.func.grad(task_loss)(params, sx, sy)
+            if inner.first_order:
+                grads = {k: g.detach() for k, g in grads.items()}
+            params = {k: params[k] - inner.lr * grads[k] for k in params}
+        return task_loss(params, qx, qy)
+
+    def meta_loss(params: dict, sx, sy, qx, qy):
+        tasks = torch.vmap(query_loss, in_dims=(None, 0, 0, 0, 0), chunk_size=chunk)
+        return tasks(params, sx, sy, qx, qy).mean()
+
+    meta_grad = torch.func.grad(meta_loss)
+    if compile:
+        meta_grad = torch.compile(meta_grad)
+
+    def step(batch: TaskBatch) -> None:
+        params = {name: p.detach() for name, p in model.named_parameters()}
+        grads = meta_grad(params, *batch.tensors())
+        for name, p in model.named_parameters():
+            p.grad = grads[name] if p.grad is None else p.grad + grads[name]
+
+    return step
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    make: Callable[..., Step]
+    module: str | None  # what must be importable for the row (None: torch or higher, always)
+    install: str = ""
+    only_sine: bool = False  # the setting without norm layers only (the compiled peer)
+    needs_compile: bool = False
+
+
+PEERS = [
+    Peer("peer: higher innerloop_ctx (seed style)", higher_seed_style, None),
+    Peer("peer: learn2learn MAML", learn2learn_maml, "learn2learn",
+         "pip install learn2learn==0.2.0 (see docs/benchmarks-peers.md: its sdist needs Cython)"),
+    Peer("peer: TorchOpt functional", torchopt_functional, "torchopt",
+         "pip install --no-deps torchopt==0.7.3 optree graphviz"),
+    Peer("peer: torch.func vmap (TorchOpt-style)", torch_func_vmap, None),
+    Peer("peer: torch.func vmap + torch.compile", partial(torch_func_vmap, compile=True), None,
+         only_sine=True, needs_compile=True),
+]
+
+
+def installed(module: str | None) -> bool:
+    return module is None or importlib.util.find_spec(module) is not None
+
+
+def missing_peers(peers: list[Peer]) -> list[str]:
+    """One line per peer whose library is not importable here."""
+    return [f"peer {p.name.removeprefix('peer: ')} not installed: {p.install}"
+            for p in peers if not installed(p.module)]
+
+
+def peers_for(args, setting: dict, whole_batch: bool, chunk: int | None) -> list[tuple[str, Callable]]:
+    """The installed peers that apply to `setting`, as (row name, make). Where our whole-batch
+    row is skipped (`--chunked-only`, or `--quick` on a CPU's conv nets), the `torch.func` peer
+    runs `vmap` in chunks of the size our auto-chunked row chose."""
+    rows = []
+    for peer in PEERS if args.peers else []:
+        if not installed(peer.module) or (peer.only_sine and setting["kind"] != "sine"):
+            continue
+        if peer.needs_compile and not args.compile:
+            continue
+        make, name = peer.make, peer.name
+        if peer.make is torch_func_vmap and not whole_batch and chunk:
+            make, name = partial(torch_func_vmap, chunk=chunk), f"{name}, chunks of {chunk}"
+        rows.append((name, make))
+    return rows
+
+
+def float64_rel_diff(make: Callable[..., Step], setting: dict, device: torch.device,
+                     exact: torch.Tensor) -> float:
+    """A peer's meta-gradient in float64 against the float64 `higher` loop's (relative)."""
+    model, batch, inner = make_case(setting, device)
+    model, batch = model.double(), batch.to(device, torch.float64)
+    make(model, inner)(batch)
+    grad = torch.cat([p.grad.flatten() for p in model.parameters()]).cpu()
+    return ((grad - exact).norm() / exact.norm()).item()
+
+
+# ---- interleaved timing ---------------------------------------------------------------------
+
+def set_flags(flags: dict) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = flags.get("tf32", False)
+    torch.backends.cudnn.allow_tf32 = flags.get("tf32", False)
+    torch.backends.cudnn.benchmark = flags.get("cudnn_benchmark", False)
+
+
+@dataclass
+class Row:
+    """One row of a setting: its step on its own model and tasks, and what timing found."""
+
+    name: str
+    step: Step
+    params: list
+    batch: TaskBatch
+    flags: dict = field(default_factory=dict)
+    engine: object = None
+    peer: bool = False
+    float64_rel_diff: float | None = None  # peers only
+    times: list[float] = field(default_factory=list)
+    warmup_s: float = float("nan")
+    peak: float = float("nan")
+    reserved: float = float("nan")
+    error: str | None = None
+
+    def once(self) -> None:
+        for p in self.params:
+            p.grad = None
+        set_flags(self.flags)
+        self.step(self.batch)
+
+    @property
+    def exact(self) -> bool:
+        return self.float64_rel_diff is not None and self.float64_rel_diff <= EXACT
+
+    @property
+    def wrong(self) -> bool:
+        return self.peer and not self.exact
+
+
+def warm_up(row: Row, device: torch.device, warmup: int) -> None:
+    """`warmup` untimed meta-iterations (their time is `warmup_s`); on CUDA, what the row holds
+    from the allocator over them is `reserved` (the cache emptied first)."""
+    if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-
-    def once():
-        for p in params:
-            p.grad = None
-        engine.meta_gradient(model, None, batch, inner)
-
     t0 = time.perf_counter()
     for _ in range(warmup):
-        once()
+        row.once()
     sync(device)
-    first = time.perf_counter() - t0
+    row.warmup_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        row.reserved = torch.cuda.max_memory_reserved(device)
+
+
+def interleave(rows: list[Row], device: torch.device, rounds: int,
+               after_round: Callable[[], None] = lambda: None) -> None:
+    """Time the rows in turn, one meta-iteration of each per round, for `rounds` rounds; a row's
+    first timed iteration also records its peak memory. A row that fails leaves the rounds."""
     meter = _PeakMemory(device)
-    times, peak = [], float("nan")
-    for i in range(iterations):
-        t = time.perf_counter()
-        if i == 0 and meter.available:  # the first timed iteration also records peak memory
-            peak = meter.measure(once)
-        else:
-            once()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    grad = torch.cat([p.grad.flatten() for p in params]).double().cpu()
-    reserved = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else float("nan")
-    return {"ms": 1000 * statistics.median(times), "warmup_s": first, "peak_mb": peak / 2**20,
-            "reserved_mb": reserved / 2**20, "grad": grad}
+    for r in range(rounds):
+        for row in rows:
+            if row.error:
+                continue
+            t = time.perf_counter()
+            try:
+                if r == 0 and meter.available:
+                    row.peak = meter.measure(row.once)
+                else:
+                    row.once()
+                sync(device)
+            except Exception as exc:  # a failing optimisation is a row, not a crash
+                row.error = f"{type(exc).__name__}: {exc}"
+                continue
+            row.times.append(time.perf_counter() - t)
+        after_round()
+    set_flags({})
 
 
 def rows_for(device: torch.device, args, setting: dict) -> list[tuple[str, object, dict]]:
@@ -150,8 +423,8 @@ def rows_for(device: torch.device, args, setting: dict) -> list[tuple[str, objec
 
 
 def iterations(args, setting: dict) -> int:
-    """Timed iterations: `--iterations`, or with `--quick` 1 (the sinusoid's 20: one of its
-    iterations takes milliseconds, too short to time alone)."""
+    """Timed iterations (rounds): `--iterations`, or with `--quick` 1 (the sinusoid's 20: one of
+    its iterations takes milliseconds, too short to time alone)."""
     if args.quick:
         return 20 if setting["kind"] == "sine" else 1
     return args.iterations
@@ -167,60 +440,119 @@ def selected(only: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def float64_reference(setting: dict, device: torch.device) -> torch.Tensor:
+    """The `higher` loop's meta-gradient in float64: every row is checked against it."""
+    model, batch, inner = make_case(setting, device)
+    model, batch = model.double(), batch.to(device, torch.float64)
+    higher_engine.meta_gradient(model, None, batch, inner)
+    return torch.cat([p.grad.flatten() for p in model.parameters()]).cpu()
+
+
+def prepare(name: str, make: Callable[..., Step], setting: dict, device: torch.device, args,
+            exact: torch.Tensor, flags: dict | None = None, engine=None) -> Row:
+    """A row, ready to time: a peer's float64 check first, then the warm-up."""
+    rel64 = None
+    model, batch, inner = make_case(setting, device)
+    row = Row(name, None, list(model.parameters()), batch, flags or {}, engine,
+              peer=engine is None)
+    try:
+        if row.peer:
+            rel64 = float64_rel_diff(make, setting, device, exact)
+        row.step, row.float64_rel_diff = make(model, inner), rel64
+        warm_up(row, device, args.warmup)
+    except Exception as exc:  # a failing optimisation (or peer) is a row, not a crash
+        row.error = f"{type(exc).__name__}: {exc}"
+    check = "" if rel64 is None else f", float64 check {rel64:.1e}"
+    print(f"{name}: warmed up{check}" if not row.error else f"{name}: failed: {row.error}",
+          flush=True)  # a long setting's progress, before its rounds
+    return row
+
+
+def ours(engine) -> Callable[..., Step]:
+    def make(model: nn.Module, inner: InnerLoop) -> Step:
+        return lambda batch: engine.meta_gradient(model, None, batch, inner)
+    return make
+
+
+def summary(rows: list[Row], device: torch.device, name: str, exact: torch.Tensor) -> list[dict]:
+    """The setting's result rows (medians so far); wrong peers get no speedup."""
+    timed = [r for r in rows if not r.error and r.times]
+    ms = {id(r): 1000 * statistics.median(r.times) for r in timed}
+    reference = ms[id(timed[0])] if timed else None
+    exact_peers = [ms[id(r)] for r in timed if r.peer and r.exact]
+    fastest_peer = min(exact_peers) if exact_peers else None
+    out = []
+    for r in rows:
+        base = {"device": str(device), "setting": name, "engine": r.name, "peer": r.peer}
+        if r.error or not r.times:
+            out.append({**base, "error": r.error or "not timed"})
+            continue
+        grad = torch.cat([p.grad.flatten() for p in r.params]).double().cpu()
+        check = None
+        if r.peer:
+            check = ("exact" if r.exact else f"wrong: {r.float64_rel_diff:.1e} off float64")
+        t = ms[id(r)]
+        out.append({**base, "ms": t, "warmup_s": r.warmup_s, "peak_mb": r.peak / 2**20,
+                    "reserved_mb": r.reserved / 2**20, "iterations": len(r.times),
+                    "speedup": None if r.wrong else reference / t,
+                    "vs_fastest_exact_peer": (None if r.wrong or fastest_peer is None
+                                              else t / fastest_peer),
+                    "grad_rel_diff": ((grad - exact).norm() / exact.norm()).item(),
+                    "float64_rel_diff": r.float64_rel_diff, "check": check,
+                    "chunk": getattr(r.engine, "chosen_chunk", None)})
+    return out
+
+
 def bench(device: torch.device, args, results: list[dict], save) -> list[dict]:
     for name in selected(args.only):
         setting = SETTINGS[name]
-        reference = None
-        model, batch, inner = make_case(setting, device)
-        model, batch = model.double(), batch.to(device, torch.float64)
-        higher_engine.meta_gradient(model, None, batch, inner)
-        exact = torch.cat([p.grad.flatten() for p in model.parameters()]).cpu()
-        del model, batch
+        exact = float64_reference(setting, device)
+        rows = []
         for row, engine, flags in rows_for(device, args, setting):
-            model, batch, inner = make_case(setting, device)
-            torch.backends.cuda.matmul.allow_tf32 = flags.get("tf32", False)
-            torch.backends.cudnn.allow_tf32 = flags.get("tf32", False)
-            torch.backends.cudnn.benchmark = flags.get("cudnn_benchmark", False)
-            try:
-                r = run_row(engine, model, batch, inner, device, iterations(args, setting),
-                            args.warmup)
-            except Exception as exc:  # a failing optimisation is a row, not a crash
-                print(f"{name} / {row}: failed: {type(exc).__name__}: {exc}")
-                results.append({"device": str(device), "setting": name, "engine": row,
-                                "error": f"{type(exc).__name__}: {exc}"})
+            rows.append(prepare(row, ours(engine), setting, device, args, exact, flags, engine))
+        engines = [r.engine for r in rows if isinstance(r.engine, BatchedEngine)]
+        whole = any(e.task_chunk == 10**9 for e in engines)  # our whole-batch row runs
+        chunk = next((e.chosen_chunk for e in engines if e.task_chunk is None), None)
+        for row, make in peers_for(args, setting, whole, chunk):
+            rows.append(prepare(row, make, setting, device, args, exact))
+        start = len(results)
+
+        def update(rows=rows, name=name, exact=exact, start=start) -> None:
+            results[start:] = summary(rows, device, name, exact)  # every round: a run cut
+            save()  # short keeps its medians
+
+        interleave(rows, device, iterations(args, setting), update)
+        for r in results[start:]:
+            if "error" in r:
+                print(f"{name} / {r['engine']}: failed: {r['error']}", flush=True)
                 continue
-            grad = r.pop("grad")
-            if reference is None:
-                reference = r["ms"]
-            rel = ((grad - exact).norm() / exact.norm()).item()
-            chunk = getattr(engine, "chosen_chunk", None)
-            results.append({"device": str(device), "setting": name, "engine": row, **r,
-                            "iterations": iterations(args, setting),
-                            "speedup": reference / r["ms"], "grad_rel_diff": rel,
-                            "chunk": chunk})
-            print(f"{name} / {row}: {r['ms']:.1f} ms, peak {r['peak_mb']:.0f} MB, "
-                  f"grad rel diff {rel:.1e}", flush=True)
-            save()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cudnn.benchmark = False
+            mark = f", {r['check']}" if r["check"] else ""
+            print(f"{name} / {r['engine']}: {r['ms']:.1f} ms, peak {r['peak_mb']:.0f} MB, "
+                  f"grad rel diff {r['grad_rel_diff']:.1e}{mark}", flush=True)
     return results
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| device | setting | engine | ms / iter | speedup | peak MB | reserved MB | chunk | "
-             "grad rel diff vs float64 loop | first iteration s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| device | setting | engine | ms / iter (median) | speedup | vs fastest exact peer | "
+             "peak MB | reserved MB | chunk | grad rel diff vs float64 loop | peer check "
+             "(float64) | first iteration s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['device']} | {r['setting']} | {r['engine']} | failed: "
-                         f"{r['error'][:60]} | | | | | | |")
+                         f"{r['error'][:60]} | | | | | | | | |")
             continue
         peak = "n/a" if math.isnan(r["peak_mb"]) else f"{r['peak_mb']:.0f}"
         reserved = r.get("reserved_mb", float("nan"))
         reserved = "" if math.isnan(reserved) else f"{reserved:.0f}"
-        lines.append(f"| {r['device']} | {r['setting']} | {r['engine']} | {r['ms']:.1f} | "
-                     f"{r['speedup']:.2f}x | {peak} | {reserved} | {r['chunk'] or ''} | "
-                     f"{r['grad_rel_diff']:.1e} | {r['warmup_s']:.1f} |")
+        wrong = r["speedup"] is None
+        ms = f"{r['ms']:.1f}" + (" (wrong)" if wrong else "")
+        speedup = "not a win: wrong" if wrong else f"{r['speedup']:.2f}x"
+        vs = r["vs_fastest_exact_peer"]
+        vs = "" if vs is None else f"{vs:.2f}"
+        lines.append(f"| {r['device']} | {r['setting']} | {r['engine']} | {ms} | {speedup} | "
+                     f"{vs} | {peak} | {reserved} | {r['chunk'] or ''} | "
+                     f"{r['grad_rel_diff']:.1e} | {r['check'] or ''} | {r['warmup_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -235,7 +567,8 @@ def cpu_name() -> str:
 
 def main() -> None:
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=10, help="timed meta-iterations")
+    parser.add_argument("--iterations", type=int, default=10,
+                        help="timed rounds: one meta-iteration of every row each, interleaved")
     parser.add_argument("--warmup", type=int, default=1, help="untimed meta-iterations first")
     parser.add_argument("--quick", action="store_true",
                         help="1 timed iteration (the sinusoid's 20); on a CPU the conv nets "
@@ -250,6 +583,8 @@ def main() -> None:
     parser.add_argument("--chunked-only", action="store_true",
                         help="skip the whole-batch row (it needs ~7 GB RAM per 32 tasks on CPU)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                        help="add the other MAML implementations' rows (those installed)")
     parser.add_argument("--out", default="benchmarks")
     args = parser.parse_args()
     unknown = [w for w in args.only.split(",") if w.strip() and not any(w.strip() in n for n in SETTINGS)]
@@ -272,9 +607,13 @@ def main() -> None:
         parser.error(f"--out {out} cannot be made a folder ({exc.strerror}); choose another --out")
     path = out / f"bench_train-{time.strftime('%Y%m%d-%H%M%S')}.json"
     results: list[dict] = []
+    missing = missing_peers(PEERS) if args.peers else []
+    for line in missing:
+        print(line, flush=True)
 
-    def save() -> None:  # after every row, so a long run that is cut short keeps its rows
-        path.write_text(json.dumps({"machine": machine, "args": vars(args), "results": results},
+    def save() -> None:  # after every round, so a long run that is cut short keeps its rows
+        path.write_text(json.dumps({"machine": machine, "args": vars(args),
+                                    "peers_not_installed": missing, "results": results},
                                    indent=1))
 
     for device in devices:
@@ -282,6 +621,8 @@ def main() -> None:
     print()
     print(f"machine: {machine}")
     print(table(results))
+    for line in missing:
+        print(line)
     print(f"wrote {path}")
 
 
