@@ -39,7 +39,9 @@ speed win. "vs fastest exact peer" is each row's time over the fastest exact pee
 
 Timing is interleaved, because a shared machine drifts by tens of percent from one minute to the
 next: every row is warmed up first, then the rows take turns, one meta-iteration each per
-round, for `--iterations` rounds, and each row reports its median.
+round, for `--iterations` rounds, and each row reports its median. Every row, peers included,
+runs with freed memory kept in the process (`maml.allocator`, as the `maml` command runs), or
+none with `--no-keep-freed-memory`: the comparison is between implementations, not allocators.
 
     python scripts/bench_train.py --quick            # about 10 minutes on a 2-core CPU
     python scripts/bench_train.py --iterations 20 --compile
@@ -52,6 +54,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -67,6 +70,7 @@ from torch import nn
 
 from maml import higher_engine
 from maml.adaptation import InnerLoop, use_batch_statistics
+from maml.allocator import keep_freed_memory
 from maml.arguments import Parser
 from maml.batched_engine import BatchedEngine, _PeakMemory
 from maml.models import maxpool_cnn, omniglot_cnn, sinusoid_mlp
@@ -583,6 +587,8 @@ def main() -> None:
     parser.add_argument("--chunked-only", action="store_true",
                         help="skip the whole-batch row (it needs ~7 GB RAM per 32 tasks on CPU)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    parser.add_argument("--no-keep-freed-memory", action="store_true",
+                        help="leave glibc's malloc as it is for every row (maml/allocator.py)")
     parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                         help="add the other MAML implementations' rows (those installed)")
     parser.add_argument("--out", default="benchmarks")
@@ -592,6 +598,9 @@ def main() -> None:
         parser.error(f"--only {unknown[0]!r} matches no setting; settings: {', '.join(SETTINGS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    # every row, peers included, runs in one process: all of them reuse freed memory (as the
+    # `maml` command does), or none of them with --no-keep-freed-memory
+    kept = False if args.no_keep_freed_memory else keep_freed_memory()
     if args.cuda_only and not torch.cuda.is_available():
         parser.error("--cuda-only: no CUDA device is visible; drop the flag to time the CPU")
     devices = [] if args.cuda_only else [torch.device("cpu")]
@@ -599,6 +608,7 @@ def main() -> None:
         devices.append(torch.device("cuda"))
     machine = {"platform": platform.platform(), "processor": cpu_name(),
                "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+               "freed_memory_kept": kept, "load_average": os.getloadavg(),
                "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     out = Path(args.out)
     try:  # before any timing: a result that cannot be written is not worth measuring
