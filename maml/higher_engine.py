@@ -189,18 +189,18 @@ def task_workers(model: nn.Module, batch: TaskBatch) -> int:
 class _TaskThreads:
     """Run a function of every task on `workers` threads; results in task order.
 
-    Each thread gets its own deep copy of the model (buffers and modes synchronised from the
-    original), because a functional view swaps weights into its module while it runs; the
-    weights it runs on are the ones passed in, so gradients reach the original's parameters.
-    Intra-op threads are shared out between the workers while they run."""
+    Each thread gets its own copy of the model's modules, because a functional view swaps
+    weights into its modules while it runs; the copies share the original's parameter and buffer
+    tensors (no forward here changes a buffer: `draws_or_mutates`), and the weights a forward
+    runs on are the ones passed in, so gradients reach the original's parameters. Intra-op
+    threads are shared out between the workers while they run."""
 
     def __init__(self, model: nn.Module, workers: int, make_forward: Callable) -> None:
         self.workers = workers
         self.forwards = [make_forward(model)]
+        shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
         for _ in range(workers - 1):
-            twin = copy.deepcopy(model)
-            for mine, theirs in zip(twin.modules(), model.modules(), strict=True):
-                mine.training = theirs.training
+            twin = copy.deepcopy(model, memo=dict(shared))
             if model in _ROUTING:  # the same structure: the original's verdict holds
                 _ROUTING[twin] = _ROUTING[model]
             self.forwards.append(make_forward(twin))
