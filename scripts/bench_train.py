@@ -507,18 +507,26 @@ def summary(rows: list[Row], device: torch.device, name: str, exact: torch.Tenso
     return out
 
 
+def skipped(row: str, skip: str) -> bool:
+    """Whether `--skip` (comma-separated parts of row names) leaves this row out."""
+    return any(part.strip() and part.strip() in row for part in skip.split(","))
+
+
 def bench(device: torch.device, args, results: list[dict], save) -> list[dict]:
     for name in selected(args.only):
         setting = SETTINGS[name]
         exact = float64_reference(setting, device)
         rows = []
         for row, engine, flags in rows_for(device, args, setting):
-            rows.append(prepare(row, ours(engine), setting, device, args, exact, flags, engine))
+            if not skipped(row, args.skip):
+                rows.append(prepare(row, ours(engine), setting, device, args, exact, flags,
+                                    engine))
         engines = [r.engine for r in rows if isinstance(r.engine, BatchedEngine)]
         whole = any(e.task_chunk == 10**9 for e in engines)  # our whole-batch row runs
         chunk = next((e.chosen_chunk for e in engines if e.task_chunk is None), None)
         for row, make in peers_for(args, setting, whole, chunk):
-            rows.append(prepare(row, make, setting, device, args, exact))
+            if not skipped(row, args.skip):
+                rows.append(prepare(row, make, setting, device, args, exact))
         start = len(results)
 
         def update(rows=rows, name=name, exact=exact, start=start) -> None:
@@ -587,6 +595,9 @@ def main() -> None:
     parser.add_argument("--chunked-only", action="store_true",
                         help="skip the whole-batch row (it needs ~7 GB RAM per 32 tasks on CPU)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated parts of row names to leave out, e.g. 'torch.func' "
+                             "(its vmap keeps every task's graph: 20-way, 5 steps needs > 20 GB)")
     parser.add_argument("--no-keep-freed-memory", action="store_true",
                         help="leave glibc's malloc as it is for every row (maml/allocator.py)")
     parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,

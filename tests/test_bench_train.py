@@ -32,7 +32,7 @@ def bench(*args: str, out: Path) -> subprocess.CompletedProcess:
 
 def options(**changes) -> argparse.Namespace:
     args = dict(only="", quick=False, iterations=3, warmup=1, chunked_only=False, compile=False,
-                memory_budget_mb=1024.0, peers=True)
+                memory_budget_mb=1024.0, peers=True, skip="")
     return argparse.Namespace(**{**args, **changes})
 
 
@@ -164,3 +164,10 @@ def test_rows_are_timed_round_robin_the_same_number_of_times(monkeypatch):
     results = run_bench(monkeypatch, TINY_SINE, bench_train.PEERS, iterations=3)
     assert len(results) >= 4 and {r["iterations"] for r in results} == {3}
     assert all(r["check"] == "exact" for r in results if r["peer"])  # the sinusoid has no norms
+
+
+def test_skip_leaves_out_the_rows_it_names_a_part_of():
+    assert bench_train.skipped("peer: torch.func vmap (TorchOpt-style)", "torch.func")
+    assert bench_train.skipped("peer: learn2learn MAML", "nothing, learn2learn")
+    assert not bench_train.skipped("higher loop", "torch.func, ")
+    assert not bench_train.skipped("higher loop", "")
