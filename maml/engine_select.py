@@ -36,12 +36,11 @@ from maml import higher_engine
 from maml.adaptation import InnerLoop, evaluation_mode
 from maml.batched_engine import BatchedEngine
 from maml.errors import UsageError, gist
+from maml.higher_engine import CONVOLUTIONS
 from maml.tasks import TaskBatch
 
 TOLERANCE = 1e-8  # float64 agreement the probe demands; exact engines agree to ~1e-15
 PROBE_TASKS = 2
-CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                nn.ConvTranspose3d)
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ another layer itself (as `nn.MultiheadAttention` reads its `out_proj`) keeps the
 silently. `routing_problem` checks, once per model, that the functional view gives the outputs
 `torch.func.functional_call` gives for the same weights, and names the weights it ignores.
 
-On a CPU with several threads, tasks run on `task_workers` threads at once, each task with one
-intra-op thread (`_TaskThreads`): small convolutions use two cores better side by side than split
-between them. Each thread has its own copy of the model's structure (the functional views swap
+For a conv net on a CPU with several threads, tasks run on `task_workers` threads at once, each
+task with one intra-op thread (`_TaskThreads`): small convolutions use two cores better side by
+side than split between them. Each thread has its own copy of the model's structure (the functional views swap
 weights in place). Every task's gradient is taken alone with `torch.autograd.grad`; each thread
 sums its own tasks (w, w + n, ...) in order, and the threads' sums are added in order, so the
 result does not depend on timing. A forward that draws random numbers or changes a buffer keeps
@@ -157,6 +157,8 @@ def accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
 
 
 _SIDE_EFFECTS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                nn.ConvTranspose3d)
 
 
 def draws_or_mutates(model: nn.Module, x: Tensor) -> bool:
@@ -176,10 +178,14 @@ def draws_or_mutates(model: nn.Module, x: Tensor) -> bool:
 
 
 def task_workers(model: nn.Module, batch: TaskBatch) -> int:
-    """How many tasks run at once: on a CPU, one per intra-op thread (at most one per task);
-    one on other devices, for a single task or thread, and for a model `draws_or_mutates`."""
+    """How many tasks run at once: for a conv net on a CPU, one per intra-op thread (at most one
+    per task). One on other devices, for a single task or thread, for a model `draws_or_mutates`,
+    and for models without convolutions, whose small operators leave the threads waiting for
+    Python's lock (the sinusoid MLP: 73 ms on two task threads, 60 ms one task at a time)."""
     threads = torch.get_num_threads()
     if len(batch) < 2 or threads < 2 or batch.support_x.device.type != "cpu":
+        return 1
+    if not any(isinstance(m, CONVOLUTIONS) for m in model.modules()):
         return 1
     if draws_or_mutates(model, batch.support_x[0]):
         return 1
