@@ -252,7 +252,8 @@ def meta_gradient(
     grad_fn = autograd_grad(create_graph=not inner.first_order)
     workers = task_workers(model, batch) if workers is None else workers
 
-    sums: list[list[Tensor | None]] = [[None] * len(meta) for _ in range(workers)]
+    # the threads' own sums (one task at a time adds straight into .grad instead)
+    sums: list[list[Tensor | None]] = [[None] * len(meta) for _ in range(workers if workers > 1 else 0)]
 
     def one_task(w: int, i: int):
         forward = threads.forwards[w]

@@ -32,27 +32,23 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_train import SETTINGS, make_case  # noqa: E402
 
 from maml import higher_engine  # noqa: E402
-from maml.adaptation import InnerLoop, use_batch_statistics  # noqa: E402
+from maml.adaptation import InnerLoop  # noqa: E402
 from maml.allocator import keep_freed_memory  # noqa: E402
 from maml.arguments import Parser  # noqa: E402
-from maml.models import omniglot_cnn  # noqa: E402
 from maml.tasks import TaskBatch  # noqa: E402
 
 GROUPS = {"convolution": ("conv",), "batch norm": ("batch_norm",)}
 
 
 def case(tasks: int) -> tuple[torch.nn.Module, TaskBatch, InnerLoop]:
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    labels = torch.arange(5)
-    batch = TaskBatch(
-        torch.rand(tasks, 5, 1, 28, 28, generator=gen), labels.expand(tasks, 5).clone(),
-        torch.rand(tasks, 75, 1, 28, 28, generator=gen),
-        labels.repeat_interleave(15).expand(tasks, 75).clone(),
-    )
-    return use_batch_statistics(omniglot_cnn(n_way=5)), batch, InnerLoop("cross_entropy", 1, 0.4)
+    """The benchmark's paper-net setting (`scripts/bench_train.py`), with `tasks` tasks."""
+    setting = {**SETTINGS["paper net 5w1s q15 B32 1 step"], "tasks": tasks}
+    return make_case(setting, torch.device("cpu"))
 
 
 def rows(model, batch, inner) -> dict:
