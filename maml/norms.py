@@ -140,13 +140,24 @@ def _uses_batch_statistics(a: dict[str, Any]) -> bool:
 
 def _normalise(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
                bias: Tensor | None, eps: float) -> Tensor:
+    """`x` normalised with per-channel `(mean, var)`, then batch norm's affine map."""
     shape = [1, -1] + [1] * (x.ndim - 2)
-    y = (x - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + eps)
+    return _affine(x, mean.reshape(shape), var.reshape(shape), weight, bias, eps)
+
+
+def _affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+            eps: float) -> Tensor:
+    """`(x - mean) / sqrt(var + eps) * weight + bias` as `x * scale + shift`, with `mean` and
+    `var` shaped to broadcast against `x`: the small per-channel factors first, so the
+    activation-sized work (and its derivatives, to second order) is one multiply-add."""
+    shape = [1, -1] + [1] * (x.ndim - 2)
+    scale = torch.rsqrt(var + eps)
     if weight is not None:
-        y = y * weight.reshape(shape)
+        scale = scale * weight.reshape(shape)
+    shift = -mean * scale
     if bias is not None:
-        y = y + bias.reshape(shape)
-    return y
+        shift = shift + bias.reshape(shape)
+    return torch.addcmul(shift, x, scale)
 
 
 def _moments(x: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]:
@@ -168,12 +179,7 @@ def _tasknorm(x: Tensor, mean: Tensor, var: Tensor, n_support: Tensor, blend: Te
         var = (alpha * (var + (mean - pooled) ** 2)
                + (1 - alpha) * (own_var + (own_mean - pooled) ** 2))
         mean = pooled
-    y = (x - mean) / torch.sqrt(var + eps)
-    if weight is not None:
-        y = y * weight.reshape(shape)
-    if bias is not None:
-        y = y + bias.reshape(shape)
-    return y
+    return _affine(x, mean, var, weight, bias, eps)
 
 
 class _TaskNorm(TorchFunctionMode):
