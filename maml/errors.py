@@ -98,18 +98,45 @@ def _status(run: Callable[[], object]) -> int:
         if isinstance(exc, RankError) or not _secondary_rank():
             print(f"error: {exc}", file=sys.stderr)
         return 2
-    except Stopped as exc:
-        if str(exc):  # empty on the other ranks of a torchrun launch
-            print(f"stopped: {exc}", file=sys.stderr)
-        return exc.status
-    except KeyboardInterrupt:
-        if not _secondary_rank():
-            print("stopped: interrupted (Ctrl-C)", file=sys.stderr)
-        return 128 + signal.SIGINT
-    except OSError as exc:  # the machine's own file system: said once per machine, as above
+    except (Stopped, KeyboardInterrupt) as exc:
+        return _stopped(exc)
+    except Exception as exc:
+        stop = _stop_behind(exc)
+        if stop is not None:
+            return _stopped(stop)
+        if not isinstance(exc, OSError):
+            raise
+        # the machine's own file system: said once per machine, as above
         where = f" ({exc.filename})" if exc.filename else ""
         if not _secondary_rank():
             print(f"error: {exc.strerror or exc}{where}; check the path, its permissions and the "
                   "free space", file=sys.stderr)
         return 1
     return 0
+
+
+def _stopped(exc: BaseException) -> int:
+    """Say that Ctrl-C or a signal stopped the command; return the shell's status for it."""
+    if isinstance(exc, Stopped):
+        if str(exc):  # empty on the other ranks of a torchrun launch
+            print(f"stopped: {exc}", file=sys.stderr)
+        return exc.status
+    if not _secondary_rank():
+        print("stopped: interrupted (Ctrl-C)", file=sys.stderr)
+    return 128 + signal.SIGINT
+
+
+def _stop_behind(exc: BaseException) -> BaseException | None:
+    """The Ctrl-C or SIGTERM that `exc` was raised while unwinding from, if any.
+
+    A stop lands wherever Python happens to be; inside a library's bookkeeping (torch's stack of
+    function modes, say) it can leave that half-done, and the library then fails on the way out.
+    That second error is a consequence of the stop and must not hide it."""
+    seen: set[int] = set()
+    cause = exc.__context__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, (Stopped, KeyboardInterrupt)):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__context__
+    return None

@@ -1,9 +1,11 @@
 """`maml.errors`: how another library's error is quoted inside one of ours (`gist`), and how a
 command ends (`exit_status`)."""
 
+import signal
+
 import pytest
 
-from maml.errors import UsageError, exit_status, gist
+from maml.errors import Stopped, UsageError, exit_status, gist
 
 
 def test_gist_is_the_first_non_empty_line():
@@ -57,3 +59,31 @@ def test_a_machine_s_own_errors_are_said_once_per_machine(monkeypatch, capsys, l
         assert exit_status(fail(exc)) == status
         err = capsys.readouterr().err
         assert (err.startswith(line) if printed else err == ""), err
+
+
+def test_an_error_raised_on_the_way_out_of_a_stop_is_reported_as_the_stop(capsys):
+    """A SIGTERM that landed inside torch's bookkeeping of function modes left its stack half
+    popped; leaving the mode then raised a RuntimeError, and the export ended with a traceback
+    and status 1 instead of one `stopped:` line and 143."""
+    def sigterm_then_torch_fails():
+        try:
+            raise Stopped("terminated (SIGTERM)", signal.SIGTERM)
+        finally:
+            raise RuntimeError("trying to pop from empty mode stack")
+
+    assert exit_status(sigterm_then_torch_fails) == 143
+    assert capsys.readouterr().err == "stopped: terminated (SIGTERM)\n"
+
+    def ctrl_c_then_two_errors():
+        try:
+            try:
+                raise KeyboardInterrupt
+            finally:
+                raise OSError(28, "No space left on device")
+        finally:
+            raise ValueError("and another")
+
+    assert exit_status(ctrl_c_then_two_errors) == 130
+    assert capsys.readouterr().err == "stopped: interrupted (Ctrl-C)\n"
+    with pytest.raises(RuntimeError, match="a bug"):  # no stop behind it: a real error
+        exit_status(fail(RuntimeError("a bug")))
