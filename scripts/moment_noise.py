@@ -23,7 +23,6 @@ Accuracies over the same tasks, with 95% intervals (the tasks `maml eval --seed`
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -42,7 +41,7 @@ from maml.adaptation import (  # noqa: E402
 )
 from maml.arguments import Parser  # noqa: E402
 from maml.errors import UsageError, exit_status  # noqa: E402
-from maml.evaluation import eval_batches  # noqa: E402
+from maml.evaluation import eval_batches, summary  # noqa: E402
 from maml.experiment import restore  # noqa: E402
 from maml.norms import has_batch_norm, predict, support_moments  # noqa: E402
 
@@ -107,8 +106,8 @@ def run(args: argparse.Namespace) -> None:
     print("| queries normalised with the moments of | accuracy (95% interval) |")
     print("| --- | --- |")
     for name, values in rows.items():
-        v = torch.tensor(values)
-        print(f"| {name} | {100 * v.mean():.2f} +- {196 * v.std() / math.sqrt(len(v)):.2f}% |")
+        r = summary(torch.tensor(values, dtype=torch.float64))
+        print(f"| {name} | {100 * r['mean']:.2f} +- {100 * r['ci95']:.2f}% |")
 
 
 def main(argv: list[str] | None = None) -> int:
