@@ -30,6 +30,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=int, default=3,
                    help="test tasks per support size for the parity check")
     p.add_argument("--seed", type=int, default=0, help="seed of the parity-check tasks")
+    p.add_argument("--norm", default=None, choices=("transductive", "support", "tasknorm"),
+                   help="how predict normalises queries (default: as trained); `--norm support` "
+                        "makes a transductive model's adapter answer each query alone")
     p.add_argument("--data-root", default=None,
                    help="the Omniglot data, if it has moved since training (default: the run's)")
     return p
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     return exit_status(lambda: export_checkpoint(
         args.checkpoint, args.out, args.steps, args.inner_lr, args.formats, not args.no_verify,
-        args.tasks, args.seed, data_root=args.data_root))
+        args.tasks, args.seed, data_root=args.data_root, norm=args.norm))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from maml import checkpoint
 from maml.adaptation import InnerLoop
 from maml.errors import UsageError
 from maml.experiment import Experiment, restore
+from maml.norms import served_mode
 
 Example = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -93,12 +94,13 @@ def write_formats(r: Routine, task: Example, formats: tuple[str, ...], folder: P
 def export_checkpoint(
     checkpoint_path: str, out: str, steps: int | None = None, inner_lr: float | None = None,
     formats: str | tuple[str, ...] = FORMATS, check: bool = True, tasks: int = 3, seed: int = 0,
-    log: Callable[[str], None] = print, data_root: str | None = None,
+    log: Callable[[str], None] = print, data_root: str | None = None, norm: str | None = None,
 ) -> dict[str, Any]:
     """Export `checkpoint_path` to the folder `out`; returns the adapter.json written.
 
     `data_root` replaces the run's Omniglot folder (for the parity check's tasks) when the data
-    has moved since training."""
+    has moved since training. `norm` serves the model in another normalisation mode than it was
+    trained in, where `maml.norms.served_mode` allows it (a transductive model as `support`)."""
     chosen = parse_formats(formats)
     if tasks < 1:
         raise UsageError(f"--tasks must be >= 1, got {tasks}")
@@ -110,6 +112,8 @@ def export_checkpoint(
     if data_root is not None:
         state["config"] = {**state["config"], "data_root": data_root}
     exp = restore(state, checkpoint_path, "cpu")
+    trained_norm = exp.cfg.norm or "transductive"
+    exp.cfg.norm = served_mode(trained_norm, norm)
     r = routine(exp, steps, inner_lr)
     task = example_task(exp)
     classification = exp.cfg.loss == "cross_entropy"  # (restore checked the output shape)
@@ -117,10 +121,12 @@ def export_checkpoint(
     learned = learned_step_sizes(exp, inner_lr)
     lr = exp.cfg.inner_lr if inner_lr is None else inner_lr
     inner = InnerLoop(exp.cfg.loss, int(r.step_sizes.shape[0]), lr, norm=r.norm)
-    info = facts(exp, r, inner_lr, n_way, list(task[1].shape[1:]))
+    info = facts(exp, r, inner_lr, n_way, list(task[1].shape[1:]), trained_norm)
     with bundle.staging(Path(out), every_file) as folder:
         log(f"exporting {checkpoint_path} ({exp.model_spec}, {inner.steps} steps, "
-            f"{'learned step sizes' if learned is not None else f'step size {lr:g}'}) to {out}")
+            f"{'learned step sizes' if learned is not None else f'step size {lr:g}'}"
+            + ("" if r.norm == trained_norm else f", {r.norm} normalisation (trained "
+                                                 f"{trained_norm})") + f") to {out}")
         write_formats(r, task, chosen, folder, onnx_metadata(info), log)
         np.savez(folder / INIT, **{f"p{i}": p.numpy() for i, p in enumerate(r.init)})
         verification = None

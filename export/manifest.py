@@ -52,8 +52,12 @@ def _maml_version() -> str:
 
 def facts(
     exp: Experiment, r: Routine, lr: float | None, n_way: int | None, target_shape: list[int],
+    trained_norm: str | None = None,
 ) -> dict[str, Any]:
-    """What the adapter computes and expects, known before any file is written."""
+    """What the adapter computes and expects, known before any file is written.
+
+    `trained_norm` is the mode the run was trained in, where it is served in another (`r.norm`).
+    """
     cfg, source = exp.cfg, exp.source
     classification = cfg.loss == "cross_entropy"
     preprocessing = getattr(source, "preprocessing", None)  # a folder's: maml.images pixels
@@ -81,7 +85,8 @@ def facts(
         "parameters": [{"name": n, "shape": list(p.shape)}
                        for n, p in zip(r.names, r.init, strict=True)],
         "batch_norm": BATCH_NORM[r.norm],
-        "norm": {"mode": r.norm, "batch_norm_layers": r.norm_layers,
+        "norm": {"mode": r.norm, "trained": trained_norm or r.norm,
+                 "batch_norm_layers": r.norm_layers,
                  "moments": [{"name": f"m{i}", "shape": list(shape)}
                              for i, shape in enumerate(r.moment_shapes)]},
         "preprocessing": preprocessing,

@@ -355,6 +355,7 @@ class CLI:
         task_chunk: int | str | None = None,  # a number, or "auto" (sized to the budget)
         batch_size: int = 25,
         data_root: str | None = None,
+        norm: str | None = None,
         json: bool = False,  # noqa: A002 - the flag is --json
         quiet: bool = False,
         dist_timeout: float = 300.0,
@@ -362,6 +363,7 @@ class CLI:
         """Adapt to new tasks from the meta-test split; report the metric with a 95% CI.
 
         `--k-shot` / `--q-query` evaluate with other support / query sizes than training used.
+        `--norm support` measures a transductive model as `export --norm support` ships it.
         `--json` prints the result as one JSON object instead of the sentence.
 
         Args:
@@ -377,6 +379,8 @@ class CLI:
             task_chunk: batched engine: tasks per chunk, or auto.
             batch_size: tasks adapted to at once.
             data_root: the Omniglot data, if it has moved since training (default: the run's).
+            norm: normalise queries as another mode than the run's: support or transductive
+                for a model trained in either (tasknorm only as trained).
             json: print one JSON object instead of the sentence.
             quiet: no progress bar.
             dist_timeout: under torchrun, seconds to wait for another process before failing.
@@ -389,6 +393,7 @@ class CLI:
         from maml import distributed
         from maml.evaluation import evaluate
         from maml.experiment import restore
+        from maml.norms import served_mode
         from maml.training import select_engine
 
         if tasks < 1 or batch_size < 1:
@@ -408,6 +413,8 @@ class CLI:
         ranks, device = distributed.start(device, dist_timeout)
         exp = restore({**state, "config": {**state["config"], **overrides}}, checkpoint, device)
         cfg = exp.cfg
+        trained_norm = cfg.norm or "transductive"
+        cfg.norm = served_mode(trained_norm, norm)
         steps = cfg.eval_inner_steps if inner_steps is None else inner_steps
         if task_chunk is not None:
             cfg.task_chunk = task_chunk
@@ -422,7 +429,8 @@ class CLI:
         if not ranks.is_main:
             return
         result.pop("per_task")
-        result.update(checkpoint=checkpoint, dataset=cfg.dataset, iteration=state["iteration"])
+        result.update(checkpoint=checkpoint, dataset=cfg.dataset, iteration=state["iteration"],
+                      trained_norm=trained_norm)
         if json:  # standard output holds the JSON alone, for `| jq` and other programs
             print(json_lib.dumps(result))
             return
@@ -431,8 +439,9 @@ class CLI:
 
         spread = "" if tasks > 1 else " (one task: no confidence interval; use --tasks 2 or more)"
         print(f"{cfg.dataset}: {result['metric']} after {steps} steps {shown(result)}, each query "
-              f"sent alone {shown(result['one_at_a_time'])} ({result['norm']} normalisation; "
-              f"before adaptation {shown(result['before'])}) over {tasks} {split} tasks{spread}")
+              f"sent alone {shown(result['one_at_a_time'])} ({result['norm']} normalisation"
+              + ("" if cfg.norm == trained_norm else f", trained {trained_norm}")
+              + f"; before adaptation {shown(result['before'])}) over {tasks} {split} tasks{spread}")
 
 
     @checked

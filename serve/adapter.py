@@ -66,8 +66,8 @@ def transductive_warning(adapter: Adapter, n_queries: int) -> str | None:
         return None
     return (f"this adapter normalises queries with the statistics of the batch they come in "
             f"(transductive batch norm), so the answers for these {n_queries} queries depend on "
-            f"the batch: send at least {adapter.metadata['n_way']} queries together, or re-train "
-            "with --norm support to answer each query alone")
+            f"the batch: send at least {adapter.metadata['n_way']} queries together, or export "
+            "the model again with `--norm support` to answer each query alone")
 
 
 class Task:

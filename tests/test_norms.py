@@ -297,3 +297,20 @@ def test_compiling_the_tasknorm_step_is_refused_in_one_line():
             model, None, batch, InnerLoop("cross_entropy", 1, 0.4, norm="tasknorm"))
     with pytest.raises(UsageError, match="--compile does not support --norm tasknorm"):
         Config(dataset="omniglot", norm="tasknorm", compile=True).with_defaults()
+
+
+def test_a_model_is_served_as_trained_or_across_transductive_and_support():
+    from maml.errors import UsageError
+    from maml.norms import served_mode
+
+    assert served_mode(None, None) == "transductive"  # a run from before the modes
+    for mode in NORM_MODES:
+        assert served_mode(mode, None) == served_mode(mode, mode) == mode
+    assert served_mode("transductive", "support") == "support"
+    assert served_mode("support", "transductive") == "transductive"
+    for trained, asked in (("tasknorm", "support"), ("transductive", "tasknorm")):
+        with pytest.raises(UsageError, match=f"--norm {asked}: this model was trained with "
+                                             f"--norm {trained}"):
+            served_mode(trained, asked)
+    with pytest.raises(UsageError, match="unknown --norm 'batch'"):
+        served_mode("support", "batch")

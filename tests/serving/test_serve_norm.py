@@ -66,7 +66,8 @@ def check_each_query_alone(exported, backend: str, n_moments: int) -> None:
 def test_a_transductive_adapter_still_depends_on_the_batch(sine_bn_transductive):
     """Guards the test above: the same model in the paper's mode is batch-dependent."""
     meta = sine_bn_transductive.meta
-    assert meta["norm"] == {"mode": "transductive", "batch_norm_layers": 2, "moments": []}
+    assert meta["norm"] == {"mode": "transductive", "trained": "transductive",
+                            "batch_norm_layers": 2, "moments": []}
     adapter = serve.load(sine_bn_transductive.directory)
     task = make_task(meta, 6, 9, seed=3)
     adapted = adapter.adapt(task["support_x"], task["support_y"])
@@ -75,6 +76,55 @@ def test_a_transductive_adapter_still_depends_on_the_batch(sine_bn_transductive)
     pairs = np.concatenate([adapted.predict(task["query_x"][j:j + 3]) for j in range(0, 9, 3)])
     assert np.abs(pairs - together).max() > 1e-3
     np.testing.assert_allclose(together, reference(sine_bn_transductive, task), atol=1e-5)
+
+
+def test_a_transductive_model_exported_with_norm_support_answers_each_query_alone(
+        sine_bn_transductive, tmp_path, capsys):
+    """`export --norm support` on a transductive checkpoint: the export's own verification (the
+    support-mode inner loop, each query alone) passes, and the library answers each query alone
+    with the numbers of the training-time inner loop in that mode. `eval --norm support`
+    measures the same thing before exporting."""
+    from export.__main__ import main as export_main
+    from maml.__main__ import main as maml_main
+
+    out = tmp_path / "adapter"
+    assert export_main(["--checkpoint", str(sine_bn_transductive.checkpoint), "--out", str(out),
+                        "--formats", "onnx,torchscript", "--steps", "2", "--norm", "support",
+                        "--tasks", "2"]) == 0
+    log = capsys.readouterr().out
+    assert "support normalisation (trained transductive)" in log
+    assert "each query alone against all together" in log  # checked by the export itself
+    meta = json.loads((out / "adapter.json").read_text())
+    assert meta["norm"]["mode"] == "support" and meta["norm"]["trained"] == "transductive"
+    assert meta["verification"]["passed"]
+    served = type(sine_bn_transductive)(sine_bn_transductive.checkpoint, out, meta)
+    check_each_query_alone(served, "onnx", 4)  # against the support-mode inner loop
+
+    def evaluated(*norm: str) -> dict:
+        assert maml_main(["eval", "--checkpoint", str(sine_bn_transductive.checkpoint),
+                          "--tasks", "6", "--inner-steps", "2", "--json", *norm]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    as_support, as_trained = evaluated("--norm", "support"), evaluated()
+    assert (as_support["norm"], as_support["trained_norm"]) == ("support", "transductive")
+    assert as_support["one_at_a_time"]["mean"] == pytest.approx(as_support["mean"], rel=1e-4)
+    assert (as_trained["norm"], as_trained["trained_norm"]) == ("transductive", "transductive")
+    assert as_trained["one_at_a_time"]["mean"] != pytest.approx(as_trained["mean"], rel=1e-2)
+
+
+def test_a_mode_with_another_inner_loop_is_refused_in_one_line(sine_bn_transductive, tmp_path,
+                                                               capsys):
+    from export.__main__ import main as export_main
+    from maml.__main__ import main as maml_main
+
+    ckpt = str(sine_bn_transductive.checkpoint)
+    assert export_main(["--checkpoint", ckpt, "--out", str(tmp_path / "a"), "--norm",
+                        "tasknorm"]) == 2
+    assert maml_main(["eval", "--checkpoint", ckpt, "--norm", "tasknorm", "--tasks", "2"]) == 2
+    for line in capsys.readouterr().err.strip().splitlines():
+        assert line.startswith("error: --norm tasknorm: this model was trained with --norm "
+                               "transductive"), line
+    assert not (tmp_path / "a").exists()
 
 
 def test_the_http_service_answers_each_query_alone(sine_bn, server_factory):
