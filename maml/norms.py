@@ -74,7 +74,7 @@ def served_mode(trained: str | None, requested: str | None) -> str:
     `transductive` and `support` share the inner loop (the support set normalised with its own
     statistics) and differ only in the statistics a query gets afterwards, so a model trained in
     either can be served in the other: a transductive model served as `support` answers each
-    query alone (96.5% on the paper's Omniglot model, where alone it gets about 29%). `tasknorm`
+    query alone (96.4% on the paper's Omniglot model, where alone it gets 28%). `tasknorm`
     has its own inner loop and parameters, so it is served as trained.
     """
     trained = trained or "transductive"  # runs from before the modes
