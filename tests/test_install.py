@@ -8,9 +8,10 @@ outside the repository.
 
 Nothing is downloaded: the wheel is built without build isolation, and each fresh environment
 sees the packages of the environment running the tests through a folder of links that leaves
-this project out (the full set for the first, only what the runtime's requirements reach for the
-second), so that pip installs the wheel alone, `--no-index`, and `pip check` proves the wheel's
-declared requirements are met by exactly that set.
+this project out and holds only what the wheel's declared requirements reach (with `[train]` for
+the first, without for the second), so that pip installs the wheel alone, `--no-index`, and
+`pip check` proves the wheel's declared requirements are met by exactly that set: a package
+missing from them fails the run.
 """
 
 from __future__ import annotations
@@ -49,27 +50,44 @@ def _ours(name: str) -> bool:
             or lowered.endswith(".pth"))
 
 
-def shared_site(folder: Path, requirements: list[str] | None) -> Path:
-    """A folder of links to this environment's installed packages, without this project (nor
-    any .pth file): all of them (`requirements` None), or only those the `requirements` reach."""
+def wheel_requirements(wheel: Path, extra: str = "") -> list[str]:
+    """The wheel's declared requirements: its base ones, plus those of `extra` (marker dropped)."""
+    from packaging.requirements import Requirement
+
+    with zipfile.ZipFile(wheel) as z:
+        metadata = next(z.read(n).decode() for n in z.namelist() if n.endswith("/METADATA"))
+    wanted = []
+    for line in metadata.splitlines():
+        if line.startswith("Requires-Dist:"):
+            req = Requirement(line.split(":", 1)[1].strip())
+            if req.marker is None or req.marker.evaluate({"extra": extra}):
+                req.marker = None
+                wanted.append(str(req))
+    return wanted
+
+
+def shared_site(folder: Path, requirements: list[str]) -> Path:
+    """A folder of links to the packages of this environment that `requirements` reach, without
+    this project (nor any .pth file). Only those: a package installed here beside them (a peer
+    library for the benchmarks, say) must not make `pip check` fail, nor hide a missing one."""
     from packaging.requirements import Requirement
 
     site = Path(sysconfig.get_paths()["purelib"])
     folder.mkdir(parents=True)
-    if requirements is None:
-        names = {n for n in os.listdir(site) if not _ours(n) and n != "__pycache__"}
-    else:
-        names, todo, seen = set(), list(requirements), set()
-        while todo:
-            req = Requirement(todo.pop())
-            key = req.name.lower().replace("_", "-")
-            if key in seen or (req.marker and not req.marker.evaluate({"extra": ""})):
-                continue
-            seen.add(key)
-            dist = importlib.metadata.distribution(req.name)
-            names |= _top_level(dist)
-            todo += dist.requires or []
-        names = {n for n in names if not _ours(n)}
+    names, todo, seen = set(), [Requirement(r) for r in requirements], set()
+    while todo:
+        req = todo.pop()
+        key = (req.name.lower().replace("_", "-"), frozenset(req.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        dist = importlib.metadata.distribution(req.name)
+        names |= _top_level(dist)
+        for dep in map(Requirement, dist.requires or []):  # with the extras asked of `dist`
+            if dep.marker is None or any(dep.marker.evaluate({"extra": e})
+                                         for e in ("", *req.extras)):
+                todo.append(dep)
+    names = {n for n in names if not _ours(n)}
     for name in names:
         if (site / name).exists():
             (folder / name).symlink_to(site / name)
@@ -186,7 +204,8 @@ def serve_page_and_predict(python: Path, adapter: Path, cwd: Path, env: dict[str
 def full_install(wheel, tmp_path_factory):
     """`pip install maml-toolkit[train]` from the wheel in a fresh environment."""
     work = tmp_path_factory.mktemp("full")
-    python = fresh_env(work / "venv", shared_site(work / "shared", None))
+    python = fresh_env(work / "venv", shared_site(work / "shared",
+                                                  wheel_requirements(wheel, "train")))
     started = time.perf_counter()
     done = pip(python, "install", "--no-index", f"{wheel}[train]")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -237,11 +256,7 @@ def test_the_full_install_trains_exports_and_serves_from_outside_the_repository(
 def test_the_serving_runtime_installs_and_serves_without_torch(wheel, exported, tmp_path_factory):
     """The base install is the `serve` runtime: onnxruntime, numpy, Pillow, FastAPI, uvicorn."""
     work = tmp_path_factory.mktemp("runtime")
-    with zipfile.ZipFile(wheel) as z:
-        metadata = next(z.read(n).decode() for n in z.namelist() if n.endswith("/METADATA"))
-    runtime = [line.split(":", 1)[1].strip() for line in metadata.splitlines()
-               if line.startswith("Requires-Dist:") and "extra ==" not in line]
-    python = fresh_env(work / "venv", shared_site(work / "shared", runtime))
+    python = fresh_env(work / "venv", shared_site(work / "shared", wheel_requirements(wheel)))
     done = pip(python, "install", "--no-index", "--no-deps", str(wheel))
     assert done.returncode == 0, done.stderr[-2000:]
     checked = pip(python, "check")  # the wheel's own requirements, met without torch
