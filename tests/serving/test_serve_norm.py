@@ -121,7 +121,9 @@ def test_a_mode_with_another_inner_loop_is_refused_in_one_line(sine_bn_transduct
     assert export_main(["--checkpoint", ckpt, "--out", str(tmp_path / "a"), "--norm",
                         "tasknorm"]) == 2
     assert maml_main(["eval", "--checkpoint", ckpt, "--norm", "tasknorm", "--tasks", "2"]) == 2
-    for line in capsys.readouterr().err.strip().splitlines():
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2, lines  # one line each
+    for line in lines:
         assert line.startswith("error: --norm tasknorm: this model was trained with --norm "
                                "transductive"), line
     assert not (tmp_path / "a").exists()
