@@ -21,9 +21,10 @@ TASKS = 4
 pytestmark = pytest.mark.omniglot
 
 
-def eval_per_task(exported) -> list[float]:
+def eval_per_task(exported, data_root) -> list[float]:
     """`maml eval`'s per-task accuracy with the adapter's own steps and mode."""
     state = checkpoint.load(exported.checkpoint)
+    state["config"]["data_root"] = str(data_root)
     exp = restore(state, str(exported.checkpoint))
     inner = exp.cfg.inner_loop(exported.meta["steps"])
     return evaluate(exp.model, exp.inner_lrs, exp.source, inner, TASKS,
@@ -31,24 +32,29 @@ def eval_per_task(exported) -> list[float]:
 
 
 @pytest.mark.parametrize("name", ["omniglot", "omniglot_transductive"])
-def test_rows_are_the_adapters_accuracy_sent_each_way(name, request):
+def test_rows_are_the_adapters_accuracy_sent_each_way(name, request, synthetic_omniglot):
+    """(The exports are cached across sessions; this session's synthetic Omniglot is passed, as
+    a user passes `--data-root` for data that has moved since training.)"""
     exported = request.getfixturevalue(name)
     rows, about = query_batching.batching_rows(str(exported.directory),
-                                               str(exported.checkpoint), TASKS, 1234)
+                                               str(exported.checkpoint), TASKS, 1234,
+                                               str(synthetic_omniglot))
     mode = exported.meta["norm"]["mode"]
     assert f"{mode} normalisation, 2 steps" in about
     assert list(rows) == ["together", "one at a time", "in random groups of 5",
                           "each alone, with the support set"]
     assert all(len(values) == TASKS for values in rows.values())
-    assert rows["together"] == pytest.approx(eval_per_task(exported), abs=1e-9)
+    assert rows["together"] == pytest.approx(eval_per_task(exported, synthetic_omniglot),
+                                             abs=1e-9)
     if mode == "support":  # each query's answer is its own, however it is sent
         assert all(values == rows["together"] for values in rows.values())
 
 
-def test_a_transductive_adapters_rows_differ(omniglot_transductive):
+def test_a_transductive_adapters_rows_differ(omniglot_transductive, synthetic_omniglot):
     """Guards the test above: the rows can tell the modes apart."""
     rows, _ = query_batching.batching_rows(str(omniglot_transductive.directory),
-                                           str(omniglot_transductive.checkpoint), TASKS, 1234)
+                                           str(omniglot_transductive.checkpoint), TASKS, 1234,
+                                           str(synthetic_omniglot))
     assert rows["one at a time"] != rows["together"]
 
 
