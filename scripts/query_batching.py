@@ -1,7 +1,7 @@
 """How an exported classifier's accuracy depends on how its queries are sent.
 
     python scripts/query_batching.py --adapter ADAPTER_DIR --checkpoint CHECKPOINT
-    # 600 tasks of the paper's net: about 3 minutes on a 2-core CPU
+    # 600 tasks of the paper's net: about 4 minutes on a 2-core CPU
 
 A deployed adapter is asked about one image at a time; the MAML paper's protocol sends a whole
 task's queries together. This script adapts the exported adapter (with `serve`, the runtime users
@@ -77,9 +77,8 @@ def batching_rows(adapter_dir: str, checkpoint: str, tasks: int, seed: int,
                 with_support = [np.asarray(task.predict(np.concatenate([qx[j:j + 1], sx])))[:1]
                                 for j in range(len(qx))]
                 record("each alone, with the support set", np.concatenate(with_support), qy)
-    norm = meta.get("norm") or {}
-    mode, trained = norm.get("mode", "transductive"), norm.get("trained")
-    served = mode + ("" if trained in (None, mode) else f" (trained {trained})")
+    trained = (meta.get("norm") or {}).get("trained")  # None: exported before it was recorded
+    served = adapter.norm + ("" if trained in (None, adapter.norm) else f" (trained {trained})")
     about = (f"{adapter_dir}: {served} normalisation, {meta['steps']} steps; {checkpoint} "
              f"({state['iteration']} iterations): {n_way}-way {exp.cfg.k_shot}-shot, "
              f"{exp.cfg.q_query} queries per class, {tasks} meta-test tasks (seed {seed})")
