@@ -14,7 +14,7 @@
 
 The adapter is `tests/fixtures/page_omniglot_5w1s.pt`, trained with `--norm support` so that the
 page predicts each drawing alone (see `scripts/train_page_fixture.sh`: 1000 meta-iterations,
-about 20 minutes on this project's 2-core CPU, too long for a test),
+about 4 minutes on a 2-core CPU, too long for a test),
 exported here with `python -m export` and cached under the temporary folder, keyed by the
 checkpoint and the export sources. `scripts/setup_browser.sh` installs the browser and the npm
 packages; without them the browser tests skip, saying so.
