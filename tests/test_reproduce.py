@@ -98,17 +98,19 @@ def test_a_support_mode_row_shows_each_query_alone_then_together(tmp_path):
     assert "| 97.40 +- 0.31 alone (97.50 +- 0.30 together) |" in row
 
 
-def test_the_support_row_measures_each_query_alone(tmp_path, synthetic_omniglot):
+@pytest.mark.parametrize("norm", ["support", "tasknorm"])
+def test_the_non_transductive_rows_measure_each_query_alone(tmp_path, synthetic_omniglot, norm):
     """Run end to end for 2 iterations on the synthetic Omniglot: the single-query accuracy is
-    measured (not assumed), and in the support mode it equals the together one."""
+    measured (not assumed), and in these modes it equals the together one."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import reproduce
 
-    assert reproduce.main(["omniglot-5w1s-support", "--out", str(tmp_path), "--iterations", "2",
+    name = f"omniglot-5w1s-{norm}"
+    assert reproduce.main([name, "--out", str(tmp_path), "--iterations", "2",
                            "--tasks", "4", "--skip-onnx", "--quiet",
                            "--data-root", str(synthetic_omniglot)]) == 0
-    result = json.loads((tmp_path / "omniglot-5w1s-support" / "result.json").read_text())
-    assert result["settings"]["norm"] == "support"
+    result = json.loads((tmp_path / name / "result.json").read_text())
+    assert result["settings"]["norm"] == norm
     (row,) = result["evaluations"]
     assert row["alone"]["mean"] == pytest.approx(row["mean"], abs=1e-9)
 
