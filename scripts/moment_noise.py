@@ -15,7 +15,13 @@ checkpoint to each meta-test task once, then predicts the same queries with the 
 - `support + all queries`: the support set and the queries pooled. No deployed adapter has these
   images; the row shows what better-estimated moments are worth;
 - `support, layer k pooled`: the support set's moments except batch-norm layer k's, which come
-  from the pool: which layer's estimate costs the most.
+  from the pool: which layer's estimate costs the most;
+- `support + rotated copies`, `support + mirrored copies`: the support set with its images turned
+  by 90, 180 and 270 degrees, or flipped left to right: more images, but no new drawings.
+
+With `--extra-per-class K` the first K queries of each class are set aside as unlabelled images
+of the task, never predicted: every row is then measured on the remaining queries, and rows
+`support + j more images per class` (j = 1..K) show what real extra drawings are worth.
 
 Accuracies over the same tasks, with 95% intervals (the tasks `maml eval --seed` draws).
 """
@@ -46,8 +52,16 @@ from maml.experiment import restore  # noqa: E402
 from maml.norms import has_batch_norm, predict, support_moments  # noqa: E402
 
 
-def moment_rows(path: str, tasks: int, steps: int | None, seed: int,
-                data_root: str | None) -> tuple[dict[str, list[float]], str]:
+def held_out(qy: torch.Tensor, n_way: int, k: int) -> torch.Tensor:
+    """A mask of the queries set aside as unlabelled images: the first `k` of each class."""
+    mask = torch.zeros(len(qy), dtype=torch.bool)
+    for c in range(n_way):
+        mask[torch.nonzero(qy == c).flatten()[:k]] = True
+    return mask
+
+
+def moment_rows(path: str, tasks: int, steps: int | None, seed: int, data_root: str | None,
+                extra_per_class: int = 0) -> tuple[dict[str, list[float]], str]:
     """Per-task query accuracy for each source of moments, and a line describing the run."""
     state = ckpt.load(path)
     config = dict(state["config"], **({"data_root": data_root} if data_root else {}))
@@ -63,6 +77,9 @@ def moment_rows(path: str, tasks: int, steps: int | None, seed: int,
     if not has_batch_norm(model):
         raise UsageError(f"the model in {path} has no batch norm: its queries are already "
                          "normalised on their own")
+    if not 0 <= extra_per_class < cfg.q_query:
+        raise UsageError(f"--extra-per-class must be between 0 and {cfg.q_query - 1} (the run "
+                         f"has {cfg.q_query} queries per class), got {extra_per_class}")
     forward = functional_forward(model)
     params = tuple(p.detach().requires_grad_() for p in model.parameters())
     inner = cfg.inner_loop(cfg.eval_inner_steps if steps is None else steps)
@@ -78,19 +95,34 @@ def moment_rows(path: str, tasks: int, steps: int | None, seed: int,
                                          autograd_grad(False), inner.norm)
                 with torch.no_grad():
                     fast = tuple(p.detach() for p in fast)
+                    aside = held_out(qy, cfg.n_way, extra_per_class)
+                    extra, extra_y = qx[aside], qy[aside]
+                    qx, qy = qx[~aside], qy[~aside]
                     mine = support_moments(forward, fast, sx, "support")
                     pool = support_moments(forward, fast, torch.cat([sx, qx]), "support")
                     tried = {"support": mine, "query batch": None, "support + all queries": pool}
                     for k in range(len(mine) // 2):
                         tried[f"support, layer {k} pooled"] = (
                             *mine[:2 * k], *pool[2 * k:2 * k + 2], *mine[2 * k + 2:])
+                    turned = [torch.rot90(sx, k, dims=(-2, -1)) for k in range(4)]
+                    tried["support + rotated copies"] = support_moments(
+                        forward, fast, torch.cat(turned), "support")
+                    tried["support + mirrored copies"] = support_moments(
+                        forward, fast, torch.cat([sx, sx.flip(-1)]), "support")
+                    for j in range(1, extra_per_class + 1):
+                        more = extra[held_out(extra_y, cfg.n_way, j)]
+                        tried[f"support + {j} more images per class"] = support_moments(
+                            forward, fast, torch.cat([sx, more]), "support")
                     for name, moments in tried.items():
                         out = (forward(fast, qx) if moments is None
                                else predict(forward, fast, moments, qx, "support"))
                         rows.setdefault(name, []).append(
                             (out.argmax(-1) == qy).double().mean().item())
+    predicted = (f"{cfg.q_query} queries per class" if not extra_per_class else
+                 f"{cfg.q_query - extra_per_class} of {cfg.q_query} queries per class predicted, "
+                 f"{extra_per_class} set aside")
     about = (f"{path}: trained with --norm {cfg.norm} for {state['iteration']} iterations; "
-             f"{cfg.n_way}-way {cfg.k_shot}-shot, {cfg.q_query} queries per class, {inner.steps} steps, "
+             f"{cfg.n_way}-way {cfg.k_shot}-shot, {predicted}, {inner.steps} steps, "
              f"{tasks} meta-test tasks (seed {seed})")
     return rows, about
 
@@ -101,7 +133,7 @@ def run(args: argparse.Namespace) -> None:
     if not os.path.isfile(args.checkpoint):
         raise UsageError(f"no checkpoint at {args.checkpoint}")
     rows, about = moment_rows(args.checkpoint, args.tasks, args.inner_steps, args.seed,
-                              args.data_root)
+                              args.data_root, args.extra_per_class)
     print(about)
     print("| queries normalised with the moments of | accuracy (95% interval) |")
     print("| --- | --- |")
@@ -117,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inner-steps", type=int, default=None,
                         help="adaptation steps (default: the run's --eval-inner-steps)")
     parser.add_argument("--seed", type=int, default=1234, help="seeds the tasks")
+    parser.add_argument("--extra-per-class", type=int, default=0, metavar="K",
+                        help="set the first K queries of each class aside as unlabelled images "
+                             "and add rows for the support set with 1..K of them")
     parser.add_argument("--data-root", default=None,
                         help="the Omniglot data, if it has moved since training")
     args = parser.parse_args(argv)
